@@ -1,0 +1,133 @@
+"""Builds the Serve application from a `ServiceConfig`, and starts/stops the whole service.
+
+`build_app` is the only place where deployments are wired together; each one receives only its
+slice of the config. `start_service` / `stop_service` are what `tastemaker serve` and the
+integration tests use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from tastemaker.config import ServiceConfig
+from tastemaker.errors import Unavailable
+
+logger = logging.getLogger(__name__)
+
+#: Import paths of the servicer functions the Serve gRPC proxy registers.
+GRPC_SERVICER_FUNCTIONS = [
+    "tastemaker.v1.recommender_service_pb2_grpc.add_RecommenderServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+def build_app(config: ServiceConfig):
+    """The Serve application graph: Gateway(ingress) → Encoder, Retrieval (+ profile shard actors)."""
+    from tastemaker.encoder.deployment import EncoderDeployment
+    from tastemaker.gateway.deployment import GatewayDeployment, GatewaySettings
+    from tastemaker.retrieval.deployment import RetrievalDeployment
+
+    store_url = config.store_url()
+    enc = config.encoder
+    encoder = EncoderDeployment.options(
+        num_replicas=enc.num_replicas,
+        max_ongoing_requests=enc.max_ongoing_requests,
+        ray_actor_options={"num_cpus": enc.num_cpus, "num_gpus": enc.num_gpus},
+        user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
+        logging_config={"enable_access_log": False},
+    ).bind(enc)
+    ret = config.retrieval
+    retrieval = RetrievalDeployment.options(
+        num_replicas=ret.num_replicas,
+        max_ongoing_requests=ret.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ret.num_cpus},
+        logging_config={"enable_access_log": False},
+    ).bind(ret, store_url)
+    gw = config.gateway
+    settings = GatewaySettings(
+        gateway=gw,
+        profiles=config.profiles,
+        store_url=store_url,
+        app_name=config.server.app_name,
+        namespace=config.server.namespace,
+    )
+    return GatewayDeployment.options(
+        num_replicas=gw.num_replicas,
+        max_ongoing_requests=gw.max_ongoing_requests,
+        ray_actor_options={"num_cpus": gw.num_cpus},
+    ).bind(settings, encoder, retrieval)
+
+
+def start_ray_and_serve(config: ServiceConfig) -> None:
+    """Connect to (or start) Ray and start Serve with the gRPC proxy on the configured port."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    if not ray.is_initialized():
+        ray.init(
+            address=config.server.ray_address,
+            num_cpus=config.server.ray_num_cpus if config.server.ray_address is None else None,
+            namespace=config.server.namespace,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    serve.start(
+        http_options={"host": config.server.host, "port": config.server.http_port},
+        grpc_options=gRPCOptions(port=config.server.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+    )
+
+
+def deploy(config: ServiceConfig) -> None:
+    """Deploy (or update) the application; returns once every replica is running."""
+    from ray import serve
+
+    serve.run(build_app(config), name=config.server.app_name, route_prefix="/", blocking=False)
+
+
+def start_service(config: ServiceConfig) -> None:
+    """Ray + Serve + the application, then wait until health says SERVING."""
+    start_ray_and_serve(config)
+    deploy(config)
+    wait_serving(f"{config.server.host}:{config.server.grpc_port}")
+
+
+def wait_serving(target: str, timeout_s: float = 600.0) -> None:
+    """Poll grpc.health.v1 until SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    last_error = "no answer"
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last_error = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                last_error = f"{exc.code().name}: {exc.details()}"
+            time.sleep(0.25)
+    raise Unavailable(f"the service at {target} did not become SERVING within {timeout_s:.0f}s ({last_error})")
+
+
+def stop_service(config: ServiceConfig, shutdown_ray: bool = True) -> None:
+    """Delete the application, snapshot and stop the shard actors, optionally stop Ray."""
+    import ray
+    from ray import serve
+
+    from tastemaker.profiles.actor import kill_shards
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.delete(config.server.app_name)
+    finally:
+        kill_shards(config.server.app_name, config.server.namespace, config.profiles.num_shards)
+    if shutdown_ray:
+        serve.shutdown()
+        ray.shutdown()

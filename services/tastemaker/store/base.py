@@ -1,0 +1,107 @@
+"""The store protocol and the URL-based factory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Protocol, Sequence
+
+import numpy as np
+
+from tastemaker.domain import Item, UserEvent
+
+
+@dataclass
+class ItemChange:
+    """One entry of the item change feed: an upsert (item set) or a delete (item None)."""
+
+    seq: int
+    item_id: str
+    item: Optional[Item]
+
+
+@dataclass
+class StoredEvent:
+    """An event as written: its durable sequence number and the shard that owns its user."""
+
+    seq: int
+    shard: int
+    event: UserEvent
+
+
+@dataclass
+class SnapshotRow:
+    """A serialised profile: `state` is JSON text, `vectors` raw float32 bytes (no pickle)."""
+
+    user_id: str
+    shard: int
+    event_seq: int
+    state: str
+    vectors: bytes
+
+
+class Store(Protocol):
+    """Everything the service persists. Implementations must be safe to open from many processes."""
+
+    # Items -------------------------------------------------------------------------------
+    def upsert_items(self, items: Sequence[Item]) -> int:
+        """Insert or replace items (with vectors); returns how many were written."""
+
+    def delete_items(self, item_ids: Sequence[str]) -> tuple[int, list[str]]:
+        """Delete items; returns (deleted count, ids that did not exist)."""
+
+    def get_item(self, item_id: str) -> Optional[Item]:
+        """One item with its vector, or None."""
+
+    def get_item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Vectors of the items that exist (missing ids are absent from the result)."""
+
+    def count_items(self) -> int:
+        """Number of live items."""
+
+    def item_changes(self, after_seq: int, limit: int = 10_000) -> list[ItemChange]:
+        """Changes with seq > after_seq in seq order; the feed retrieval replicas follow."""
+
+    def item_interaction_counts(self) -> dict[str, int]:
+        """Events per item id (popularity)."""
+
+    # Events ------------------------------------------------------------------------------
+    def append_events(self, shard: int, events: Sequence[UserEvent]) -> list[Optional[int]]:
+        """Durably append events in one transaction; per event its seq, or None for a duplicate
+        (same user_id and event_id already stored). Returns only after the commit is durable."""
+
+    def event_seq(self, user_id: str, event_id: str) -> Optional[int]:
+        """The seq of a stored event, or None."""
+
+    def events_for_replay(self, shard: int, num_shards: int) -> Iterator[StoredEvent]:
+        """Events of a shard not covered by its users' snapshots, in seq order."""
+
+    def delete_user(self, user_id: str) -> int:
+        """Erase a user's events and snapshot; returns the number of events deleted."""
+
+    # Snapshots ---------------------------------------------------------------------------
+    def save_snapshots(self, rows: Iterable[SnapshotRow]) -> None:
+        """Insert or replace snapshots in one transaction."""
+
+    def load_snapshots(self, shard: int) -> Iterator[SnapshotRow]:
+        """All snapshots of a shard."""
+
+    # Lifecycle ---------------------------------------------------------------------------
+    def ensure_num_shards(self, num_shards: int, shard_of: "ShardFunction") -> None:
+        """Re-assign events and snapshots when the shard count changed since the last start."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class ShardFunction(Protocol):
+    def __call__(self, user_id: str, num_shards: int) -> int: ...
+
+
+def open_store(url: str) -> Store:
+    """Open a store by URL: `sqlite:///absolute/path.db`."""
+    if url.startswith("sqlite:///"):
+        from tastemaker.store.sqlite import SQLiteStore
+
+        # SQLAlchemy's convention: sqlite:///relative.db, sqlite:////absolute/path.db
+        return SQLiteStore(url[len("sqlite:///") :])
+    raise ValueError(f"unsupported store URL {url!r}; allowed: sqlite:///path/to/file.db")

@@ -1,0 +1,328 @@
+"""SQLite store: the embedded default. WAL mode with synchronous=FULL, so a committed event
+survives a crash of the process or the machine; many processes (gateway, shards, retrieval
+replicas) open the same file, each with its own connection."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from tastemaker.domain import EventType, Item, UserEvent
+from tastemaker.store.base import ItemChange, ShardFunction, SnapshotRow, StoredEvent
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    item_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    title TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]',
+    attributes TEXT NOT NULL DEFAULT '{}',
+    update_time REAL NOT NULL DEFAULT 0,
+    vector BLOB
+);
+CREATE INDEX IF NOT EXISTS items_by_seq ON items(seq);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    shard INTEGER NOT NULL,
+    event_type INTEGER NOT NULL,
+    item_id TEXT NOT NULL DEFAULT '',
+    value REAL NOT NULL DEFAULT 0,
+    text TEXT NOT NULL DEFAULT '',
+    event_time REAL NOT NULL,
+    attribution_token TEXT NOT NULL DEFAULT '',
+    text_vector BLOB,
+    UNIQUE (user_id, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_by_shard ON events(shard, seq);
+CREATE INDEX IF NOT EXISTS events_by_item ON events(item_id);
+CREATE TABLE IF NOT EXISTS snapshots (
+    user_id TEXT PRIMARY KEY,
+    shard INTEGER NOT NULL,
+    event_seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    vectors BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS snapshots_by_shard ON snapshots(shard);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+def _vector_bytes(vector: Optional[np.ndarray]) -> Optional[bytes]:
+    return None if vector is None else np.asarray(vector, dtype=np.float32).tobytes()
+
+
+def _vector_from(blob: Optional[bytes]) -> Optional[np.ndarray]:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float32).copy()
+
+
+class SQLiteStore:
+    """`Store` over one SQLite file. Thread-safe: one connection guarded by a lock."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged event survives power loss.
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _write(self):
+        """A write transaction taken eagerly (BEGIN IMMEDIATE) so it never deadlocks on upgrade."""
+        store = self
+
+        class _Tx:
+            def __enter__(self_inner):
+                store._lock.acquire()
+                store._conn.execute("BEGIN IMMEDIATE")
+                return store._conn
+
+            def __exit__(self_inner, exc_type, exc, tb):
+                try:
+                    store._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    store._lock.release()
+                return False
+
+        return _Tx()
+
+    def _next_seq(self, conn: sqlite3.Connection, name: str, count: int) -> int:
+        """Reserve `count` consecutive sequence numbers inside the current transaction."""
+        row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        first = (row[0] if row else 0) + 1
+        conn.execute(
+            "INSERT INTO counters(name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, first + count - 1),
+        )
+        return first
+
+    @staticmethod
+    def _item_from_row(row) -> Item:
+        item_id, title, description, tags, attributes, update_time, vector = row
+        return Item(
+            item_id=item_id,
+            title=title,
+            description=description,
+            tags=json.loads(tags),
+            attributes=json.loads(attributes),
+            update_time=update_time,
+            vector=_vector_from(vector),
+        )
+
+    # -- items ----------------------------------------------------------------------------
+    def upsert_items(self, items: Sequence[Item]) -> int:
+        if not items:
+            return 0
+        now = time.time()
+        with self._write() as conn:
+            first = self._next_seq(conn, "items", len(items))
+            conn.executemany(
+                "INSERT INTO items(item_id, seq, deleted, title, description, tags, attributes, "
+                "update_time, vector) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(item_id) DO UPDATE SET seq=excluded.seq, deleted=0, "
+                "title=excluded.title, description=excluded.description, tags=excluded.tags, "
+                "attributes=excluded.attributes, update_time=excluded.update_time, "
+                "vector=excluded.vector",
+                [
+                    (
+                        item.item_id,
+                        first + i,
+                        item.title,
+                        item.description,
+                        json.dumps(list(item.tags)),
+                        json.dumps(dict(item.attributes), sort_keys=True),
+                        now,
+                        _vector_bytes(item.vector),
+                    )
+                    for i, item in enumerate(items)
+                ],
+            )
+        return len(items)
+
+    def delete_items(self, item_ids: Sequence[str]) -> tuple[int, list[str]]:
+        ids = list(dict.fromkeys(item_ids))
+        with self._write() as conn:
+            live = {
+                row[0]
+                for row in conn.execute(
+                    f"SELECT item_id FROM items WHERE deleted = 0 AND item_id IN ({','.join('?' * len(ids))})",
+                    ids,
+                )
+            } if ids else set()
+            doomed = [i for i in ids if i in live]
+            if doomed:
+                first = self._next_seq(conn, "items", len(doomed))
+                # A tombstone (not a DELETE) so followers of the change feed see the removal.
+                conn.executemany(
+                    "UPDATE items SET deleted = 1, seq = ?, vector = NULL, update_time = ? WHERE item_id = ?",
+                    [(first + i, time.time(), item_id) for i, item_id in enumerate(doomed)],
+                )
+        return len(doomed), [i for i in ids if i not in live]
+
+    def get_item(self, item_id: str) -> Optional[Item]:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT item_id, title, description, tags, attributes, update_time, vector "
+                "FROM items WHERE item_id = ? AND deleted = 0",
+                (item_id,),
+            ).fetchone()
+        return None if row is None else self._item_from_row(row)
+
+    def get_item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        ids = list(dict.fromkeys(item_ids))
+        out: dict[str, np.ndarray] = {}
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                for item_id, blob in self._conn.execute(
+                    f"SELECT item_id, vector FROM items WHERE deleted = 0 AND vector IS NOT NULL "
+                    f"AND item_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    out[item_id] = _vector_from(blob)
+        return out
+
+    def count_items(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM items WHERE deleted = 0").fetchone()[0]
+
+    def item_changes(self, after_seq: int, limit: int = 10_000) -> list[ItemChange]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, deleted, item_id, title, description, tags, attributes, update_time, vector "
+                "FROM items WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [
+            ItemChange(seq=row[0], item_id=row[2], item=None if row[1] else self._item_from_row(row[2:]))
+            for row in rows
+        ]
+
+    def item_interaction_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(
+                self._conn.execute(
+                    "SELECT item_id, COUNT(*) FROM events WHERE item_id != '' GROUP BY item_id"
+                ).fetchall()
+            )
+
+    # -- events ---------------------------------------------------------------------------
+    def append_events(self, shard: int, events: Sequence[UserEvent]) -> list[Optional[int]]:
+        seqs: list[Optional[int]] = []
+        with self._write() as conn:
+            for event in events:
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO events(user_id, event_id, shard, event_type, item_id, value, "
+                    "text, event_time, attribution_token, text_vector) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        event.user_id,
+                        event.event_id,
+                        shard,
+                        int(event.event_type),
+                        event.item_id,
+                        float(event.value),
+                        event.text,
+                        float(event.event_time),
+                        event.attribution_token,
+                        _vector_bytes(event.text_vector),
+                    ),
+                )
+                seqs.append(cursor.lastrowid if cursor.rowcount == 1 else None)
+        return seqs
+
+    def event_seq(self, user_id: str, event_id: str) -> Optional[int]:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT seq FROM events WHERE user_id = ? AND event_id = ?", (user_id, event_id)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def events_for_replay(self, shard: int, num_shards: int) -> Iterator[StoredEvent]:
+        del num_shards  # shard ids are kept consistent by ensure_num_shards
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT e.seq, e.shard, e.event_id, e.user_id, e.event_type, e.item_id, e.value, "
+                "e.text, e.event_time, e.attribution_token, e.text_vector "
+                "FROM events e LEFT JOIN snapshots s ON s.user_id = e.user_id "
+                "WHERE e.shard = ? AND (s.event_seq IS NULL OR e.seq > s.event_seq) ORDER BY e.seq",
+                (shard,),
+            ).fetchall()
+        for row in rows:
+            yield StoredEvent(
+                seq=row[0],
+                shard=row[1],
+                event=UserEvent(
+                    event_id=row[2],
+                    user_id=row[3],
+                    event_type=EventType(row[4]),
+                    item_id=row[5],
+                    value=row[6],
+                    text=row[7],
+                    event_time=row[8],
+                    attribution_token=row[9],
+                    text_vector=_vector_from(row[10]),
+                ),
+            )
+
+    def delete_user(self, user_id: str) -> int:
+        with self._write() as conn:
+            deleted = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+            conn.execute("DELETE FROM snapshots WHERE user_id = ?", (user_id,))
+        return deleted
+
+    # -- snapshots ------------------------------------------------------------------------
+    def save_snapshots(self, rows: Iterable[SnapshotRow]) -> None:
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO snapshots(user_id, shard, event_seq, state, vectors) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(user_id) DO UPDATE SET shard=excluded.shard, event_seq=excluded.event_seq, "
+                "state=excluded.state, vectors=excluded.vectors",
+                [(r.user_id, r.shard, r.event_seq, r.state, r.vectors) for r in rows],
+            )
+
+    def load_snapshots(self, shard: int) -> Iterator[SnapshotRow]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT user_id, shard, event_seq, state, vectors FROM snapshots WHERE shard = ?",
+                (shard,),
+            ).fetchall()
+        for row in rows:
+            yield SnapshotRow(*row)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def ensure_num_shards(self, num_shards: int, shard_of: ShardFunction) -> None:
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'num_shards'").fetchone()
+            if row is not None and int(row[0]) == num_shards:
+                return
+            users = [u for (u,) in conn.execute("SELECT DISTINCT user_id FROM events")]
+            assignments = [(shard_of(u, num_shards), u) for u in users]
+            conn.executemany("UPDATE events SET shard = ? WHERE user_id = ?", assignments)
+            conn.executemany("UPDATE snapshots SET shard = ? WHERE user_id = ?", assignments)
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('num_shards', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(num_shards),),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
