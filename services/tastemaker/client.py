@@ -23,13 +23,44 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+class _MetadataInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata to every call."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]):
+        self.metadata = metadata
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
 class TastemakerClient:
     """Wraps a channel and the generated stub. Use as a context manager to close the channel."""
 
-    def __init__(self, target: str = "127.0.0.1:9000", timeout_s: float = 60.0):
+    def __init__(self, target: str = "127.0.0.1:9000", timeout_s: float = 60.0, application: Optional[str] = None):
+        """`application` names the Serve application; needed only when one Serve instance runs
+        several applications (the proxy then routes by the `application` metadata key)."""
         self.target = target
         self.timeout_s = timeout_s
         self.channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        if application:
+            self.channel = grpc.intercept_channel(self.channel, _MetadataInterceptor((("application", application),)))
         self.stub = pb_grpc.RecommenderServiceStub(self.channel)
 
     def __enter__(self) -> "TastemakerClient":

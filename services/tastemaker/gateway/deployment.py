@@ -61,6 +61,9 @@ def _mapped(response_type):
                     grpc_context.set_details(message)
                 return response_type()
 
+        # Serve passes `grpc_context` only to methods whose signature names it; functools.wraps
+        # would make inspect.signature report the wrapped method's signature instead.
+        del wrapper.__wrapped__
         return wrapper
 
     return decorate

@@ -1,0 +1,256 @@
+"""The `tastemaker` command line: serve, recommend, similar, profile, load, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from tastemaker.errors import TastemakerError
+
+
+def _config_from_args(args: argparse.Namespace):
+    from tastemaker.config import load_config
+
+    return load_config(
+        args.config,
+        overrides={
+            ("data_dir",): getattr(args, "data_dir", None),
+            ("server", "grpc_port"): getattr(args, "port", None),
+            ("server", "http_port"): getattr(args, "http_port", None),
+            ("server", "ray_address"): getattr(args, "ray_address", None),
+        },
+    )
+
+
+# -- serve --------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tastemaker.app import start_service, stop_service
+    from tastemaker.client import TastemakerClient
+    from tastemaker.datasets.movielens import load_movielens, subsample
+    from tastemaker.demo import DEMO_DONE_MARKER, DEMO_PENDING_MARKER, load_dataset
+
+    config = _config_from_args(args)
+    data_dir = Path(config.data_dir).expanduser()
+    fresh = not data_dir.exists() or not any(data_dir.iterdir())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # The demo is loaded into an empty data directory, and resumed if a previous load was cut off
+    # (upserts and event ids are idempotent, so resuming never duplicates anything).
+    load_demo = not args.no_demo and (fresh or (data_dir / DEMO_PENDING_MARKER).exists())
+    if load_demo:
+        (data_dir / DEMO_PENDING_MARKER).write_text("loading the MovieLens demo\n")
+    target = f"{config.server.host}:{config.server.grpc_port}"
+    print(f"tastemaker: starting (data in {data_dir}, store {config.store_url()})", flush=True)
+
+    def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C: a clean stop
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        start_service(config)
+        if load_demo:
+            data = load_movielens(args.demo_path)
+            if args.demo_items:
+                data = subsample(data, max_items=args.demo_items, max_users=args.demo_users)
+            with TastemakerClient(target, timeout_s=600) as client:
+                items, events = load_dataset(client, data, show_progress=not args.quiet)
+            (data_dir / DEMO_DONE_MARKER).write_text(f"{items} items, {events} events\n")
+            (data_dir / DEMO_PENDING_MARKER).unlink(missing_ok=True)
+            print(f"tastemaker: demo loaded: {items} items, {events} rating events", flush=True)
+        print(f"tastemaker: READY, gRPC on {target} (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\ntastemaker: stopping...", flush=True)
+        return 0
+    finally:
+        # Snapshots the shards and stops Ray, on Ctrl-C and on errors alike.
+        stop_service(config)
+        print("tastemaker: stopped", flush=True)
+
+
+# -- client commands ----------------------------------------------------------------------
+def _client(args: argparse.Namespace):
+    from tastemaker.client import TastemakerClient
+
+    return TastemakerClient(args.target, timeout_s=args.timeout)
+
+
+def _print_items(items, as_json: bool, extra: Optional[dict] = None) -> None:
+    from tastemaker.v1 import recommender_service_pb2 as pb
+
+    rows = [
+        {
+            "item_id": i.item_id,
+            "title": i.title,
+            "score": round(i.score, 4),
+            "sources": [pb.CandidateSource.Name(s).removeprefix("CANDIDATE_SOURCE_").lower() for s in i.sources],
+            "reason": i.reason,
+        }
+        for i in items
+    ]
+    if as_json:
+        print(json.dumps({**(extra or {}), "items": rows}, indent=2, ensure_ascii=False))
+        return
+    for rank, row in enumerate(rows, 1):
+        print(f"{rank:>3}. {row['title']}  [{row['score']:.3f}]  — {row['reason']}")
+    if extra:
+        print("    " + ", ".join(f"{k}: {v}" for k, v in extra.items()))
+
+
+def _filter(args: argparse.Namespace):
+    from tastemaker.client import genre_filter
+
+    return genre_filter(*args.genre) if args.genre else None
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.recommend(
+            args.user,
+            page_size=args.k,
+            query=args.query or "",
+            filter=_filter(args),
+            min_profile_version=args.min_profile_version,
+            diversity=args.diversity,
+        )
+    _print_items(
+        reply.items,
+        args.json,
+        {"user_id": args.user, "profile_version": reply.profile_version, "attribution_token": reply.attribution_token},
+    )
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.similar_items(args.item, page_size=args.k, filter=_filter(args))
+    _print_items(reply.items, args.json, {"item_id": args.item})
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        reply = client.get_user_profile(args.user)
+    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tastemaker.demo import events_from_jsonl, items_from_jsonl, load_dataset
+
+    with _client(args) as client:
+        if args.kind == "items":
+            items = items_from_jsonl(Path(args.file))
+            with tqdm(total=len(items), desc="encoding items", unit="item") as bar:
+                written = client.upsert_items(items, progress=bar)
+            print(f"upserted {written} items")
+        elif args.kind == "events":
+            events = events_from_jsonl(Path(args.file))
+            with tqdm(total=len(events), desc="writing events", unit="event") as bar:
+                acks = client.write_events(events, progress=bar)
+            from tastemaker.v1 import recommender_service_pb2 as pb
+
+            rejected = [a for a in acks if a.status == pb.EVENT_STATUS_REJECTED]
+            print(f"{len(acks) - len(rejected)} events accepted or duplicate, {len(rejected)} rejected")
+            for ack in rejected[:10]:
+                print(f"  rejected {ack.event_id}: {ack.reason}")
+            return 1 if rejected else 0
+        else:  # movielens
+            from tastemaker.datasets.movielens import load_movielens
+
+            items, events = load_dataset(client, load_movielens(args.file))
+            print(f"loaded {items} items and {events} rating events")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tastemaker_bench import run_benchmark
+
+    return run_benchmark(args.benchmark, args.rest)
+
+
+# -- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tastemaker", description="A recommender service that understands text.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the service (local Ray + Serve + gRPC) with the demo data")
+    serve.add_argument("--config", help="YAML config file (see README); flags override it")
+    serve.add_argument("--data-dir", help="state directory (default ~/.tastemaker)")
+    serve.add_argument("--port", type=int, help="gRPC port (default 9000)")
+    serve.add_argument("--http-port", type=int, help="Serve HTTP port (default 8000)")
+    serve.add_argument("--ray-address", help="join an existing Ray cluster instead of starting one")
+    serve.add_argument("--no-demo", action="store_true", help="do not load the MovieLens demo")
+    serve.add_argument("--demo-path", help="MovieLens folder (default: the vendored copy)")
+    serve.add_argument("--demo-items", type=int, help="load only this many demo items (most rated)")
+    serve.add_argument("--demo-users", type=int, default=200, help="with --demo-items: users kept")
+    serve.add_argument("--quiet", action="store_true", help="no progress bars")
+    serve.set_defaults(func=cmd_serve)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", default="127.0.0.1:9000", help="host:port of the service")
+        p.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rec = sub.add_parser("recommend", help="recommendations for a user")
+    rec.add_argument("--user", required=True)
+    rec.add_argument("--k", type=int, default=10, help="how many items (page_size)")
+    rec.add_argument("--query", help="natural-language steering, e.g. 'animated movie for kids about toys'")
+    rec.add_argument("--genre", action="append", help="only items of this genre (repeatable)")
+    rec.add_argument("--diversity", type=float, default=0.0, help="0..1")
+    rec.add_argument("--min-profile-version", type=int, default=0)
+    client_args(rec)
+    rec.set_defaults(func=cmd_recommend)
+
+    sim = sub.add_parser("similar", help="items similar to an item")
+    sim.add_argument("--item", required=True)
+    sim.add_argument("--k", type=int, default=10)
+    sim.add_argument("--genre", action="append")
+    client_args(sim)
+    sim.set_defaults(func=cmd_similar)
+
+    prof = sub.add_parser("profile", help="what the service knows about a user")
+    prof.add_argument("--user", required=True)
+    client_args(prof)
+    prof.set_defaults(func=cmd_profile)
+
+    load = sub.add_parser("load", help="load items or events from a JSON Lines file, or a MovieLens folder")
+    load.add_argument("kind", choices=["items", "events", "movielens"])
+    load.add_argument("file")
+    client_args(load)
+    load.set_defaults(func=cmd_load)
+
+    bench = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
+    bench.add_argument("benchmark", help="e.g. e2e")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="benchmark arguments (--help for each)")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TastemakerError as exc:
+        print(f"tastemaker: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # gRPC errors from client commands: say what the server said
+        import grpc
+
+        if isinstance(exc, grpc.RpcError):
+            print(f"tastemaker: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""One Ray instance and one Serve instance (gRPC proxy on a free port) for the whole session;
+each test module deploys its own application over its own data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tastemaker.config import ServiceConfig, load_config
+from tests.conftest import free_port
+
+_PORTS: dict[str, int] = {}
+
+
+def make_config(data_dir: Path, **profile_overrides) -> ServiceConfig:
+    """A CPU test config on the session's ports: 4 logical CPUs so every replica fits on 2 cores."""
+    if not _PORTS:
+        _PORTS.update(grpc=free_port(), http=free_port())
+    overrides = {
+        ("data_dir",): str(data_dir),
+        ("server", "grpc_port"): _PORTS["grpc"],
+        ("server", "http_port"): _PORTS["http"],
+        ("server", "ray_num_cpus"): 4,
+        # Followed quickly so catalog changes show up within the tests' bound.
+        ("retrieval", "refresh_interval_s"): 0.1,
+    }
+    for key, value in profile_overrides.items():
+        overrides[("profiles", key)] = value
+    return load_config(overrides=overrides, environ={})
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Starts Ray + Serve once; shuts both down at the end of the session."""
+    import ray
+    from ray import serve
+
+    yield
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+class RunningService:
+    """A deployed application and a client connected to it."""
+
+    def __init__(self, config: ServiceConfig):
+        from tastemaker.client import TastemakerClient
+
+        self.config = config
+        self.target = f"127.0.0.1:{config.server.grpc_port}"
+        self.client = TastemakerClient(self.target, timeout_s=120)
+
+    def stop(self) -> None:
+        from tastemaker.app import stop_service
+
+        self.client.close()
+        stop_service(self.config, shutdown_ray=False)
+
+
+def start(config: ServiceConfig) -> RunningService:
+    from tastemaker.app import start_service
+
+    start_service(config)
+    return RunningService(config)

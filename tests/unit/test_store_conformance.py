@@ -1,0 +1,436 @@
+"""Conformance suite for the `Store` protocol (`tastemaker.store.base.Store`).
+
+Every test runs once per backend in `BACKENDS`. A backend is a factory that, given a pytest
+`tmp_path`, returns an `opener`: a zero-argument callable that opens a *new* store object on the
+same underlying storage (same file, same database). Calling the opener twice gives two independent
+connections, standing in for two processes (gateway and shard) sharing one store.
+
+To add a backend (e.g. PostgreSQL), append a `pytest.param(factory, id="...")` to `BACKENDS`; the
+factory must hand back an empty store the first time its opener is called. Tests use only the
+protocol's methods, never SQL, so they stay backend-agnostic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from tastemaker.domain import EventType, Item, UserEvent
+from tastemaker.store import SnapshotRow, Store, open_store
+
+Opener = Callable[[], Store]
+
+
+def _sqlite_backend(tmp_path: Path) -> Opener:
+    # "sqlite:///" + "/abs/path" = four slashes: SQLAlchemy's spelling of an absolute path.
+    url = "sqlite:///" + str(tmp_path / "x.db")
+    return lambda: open_store(url)
+
+
+BACKENDS = [
+    pytest.param(_sqlite_backend, id="sqlite"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def opener(request, tmp_path) -> Opener:
+    """Opens store objects on one fresh backing store; every object opened is closed at the end."""
+    opened: list[Store] = []
+    make = request.param(tmp_path)
+
+    def open_one() -> Store:
+        store = make()
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in reversed(opened):
+        try:
+            store.close()
+        except Exception:  # a test may already have closed it
+            pass
+
+
+@pytest.fixture
+def store(opener) -> Store:
+    return opener()
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+DIM = 8
+
+
+def _vec(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _item(item_id: str, seed: int = 0, **kw) -> Item:
+    kw.setdefault("title", f"Title {item_id}")
+    return Item(item_id=item_id, vector=_vec(seed), **kw)
+
+
+def _event(user: str, eid: str, item: str = "", etype: EventType = EventType.VIEW, **kw) -> UserEvent:
+    kw.setdefault("event_time", 1_000.0)
+    return UserEvent(event_id=eid, user_id=user, event_type=etype, item_id=item, **kw)
+
+
+def _mod_shard(user_id: str, num_shards: int) -> int:
+    """A transparent shard function for tests: users are named 'u<number>'."""
+    return int(user_id[1:]) % num_shards
+
+
+def _replay(store: Store, shard: int, num_shards: int = 1) -> list:
+    return list(store.events_for_replay(shard, num_shards))
+
+
+class TestStoreConformance:
+    # -- items --------------------------------------------------------------------------------
+    def test_upsert_get_roundtrip_with_vector(self, store):
+        item = Item(
+            item_id="i1",
+            title="Toy Story (1995)",
+            description="A cowboy doll is threatened by a new spaceman figure.",
+            tags=["pixar", "toys"],
+            attributes={"genres": "Animation|Children", "year": "1995"},
+            vector=_vec(1),
+        )
+        assert store.upsert_items([item]) == 1
+        got = store.get_item("i1")
+        assert got is not None
+        assert got.item_id == "i1"
+        assert got.title == item.title
+        assert got.description == item.description
+        assert got.tags == ["pixar", "toys"]
+        assert got.attributes == {"genres": "Animation|Children", "year": "1995"}
+        assert got.vector is not None
+        assert got.vector.dtype == np.float32
+        assert got.vector.shape == (DIM,)
+        np.testing.assert_allclose(got.vector, item.vector, atol=1e-6)
+        assert store.count_items() == 1
+
+    def test_get_unknown_item_is_none(self, store):
+        assert store.get_item("nope") is None
+        assert store.get_item_vectors(["nope"]) == {}
+
+    def test_upsert_empty_batch_writes_nothing(self, store):
+        assert store.upsert_items([]) == 0
+        assert store.count_items() == 0
+        assert store.item_changes(0) == []
+
+    def test_upsert_is_idempotent_and_replaces_fields(self, store):
+        store.upsert_items([_item("i1", seed=1, tags=["a"], attributes={"k": "1"})])
+        store.upsert_items([_item("i1", seed=1, tags=["a"], attributes={"k": "1"})])
+        assert store.count_items() == 1
+
+        store.upsert_items(
+            [_item("i1", seed=2, title="New", description="d2", tags=["b", "c"], attributes={"k": "2"})]
+        )
+        assert store.count_items() == 1
+        got = store.get_item("i1")
+        assert got.title == "New"
+        assert got.description == "d2"
+        assert got.tags == ["b", "c"]
+        assert got.attributes == {"k": "2"}
+        np.testing.assert_allclose(got.vector, _vec(2), atol=1e-6)
+        assert not np.allclose(got.vector, _vec(1), atol=1e-3)
+        np.testing.assert_allclose(store.get_item_vectors(["i1"])["i1"], _vec(2), atol=1e-6)
+
+    def test_get_item_vectors_returns_only_existing(self, store):
+        store.upsert_items([_item("a", 1), _item("b", 2), Item(item_id="novec", title="no vector")])
+        vectors = store.get_item_vectors(["a", "b", "missing", "novec", "a"])
+        assert set(vectors) == {"a", "b"}
+        np.testing.assert_allclose(vectors["a"], _vec(1), atol=1e-6)
+        np.testing.assert_allclose(vectors["b"], _vec(2), atol=1e-6)
+
+    def test_delete_returns_count_and_missing_ids(self, store):
+        store.upsert_items([_item("a", 1), _item("b", 2), _item("c", 3)])
+        deleted, missing = store.delete_items(["a", "x", "c", "y"])
+        assert deleted == 2
+        assert sorted(missing) == ["x", "y"]
+        assert store.count_items() == 1
+        # Deleting again: the item is gone, so it is now reported missing.
+        deleted, missing = store.delete_items(["a"])
+        assert (deleted, missing) == (0, ["a"])
+
+    def test_deleted_item_is_invisible_and_tombstoned_in_feed(self, store):
+        store.upsert_items([_item("a", 1), _item("b", 2)])
+        before = {c.item_id: c.seq for c in store.item_changes(0)}
+        store.delete_items(["a"])
+
+        assert store.get_item("a") is None
+        assert "a" not in store.get_item_vectors(["a", "b"])
+        assert "b" in store.get_item_vectors(["a", "b"])
+
+        changes = store.item_changes(0)
+        last_a = [c for c in changes if c.item_id == "a"][-1]
+        assert last_a.item is None
+        assert last_a.seq > before["a"]
+        assert last_a.seq > max(before.values())
+        # A follower that already read the upserts sees the tombstone as the only new change.
+        newer = store.item_changes(max(before.values()))
+        assert [(c.item_id, c.item) for c in newer] == [("a", None)]
+
+    def test_reupsert_after_delete_revives_item(self, store):
+        store.upsert_items([_item("a", 1)])
+        store.delete_items(["a"])
+        store.upsert_items([_item("a", 3, title="Back")])
+        got = store.get_item("a")
+        assert got is not None and got.title == "Back"
+        assert store.count_items() == 1
+        last = store.item_changes(0)[-1]
+        assert last.item_id == "a" and last.item is not None and last.item.title == "Back"
+
+    def test_item_changes_ordering_and_paging(self, store):
+        store.upsert_items([_item("a", 1), _item("b", 2)])
+        store.upsert_items([_item("c", 3)])
+        store.upsert_items([_item("a", 4, title="A2")])  # a moves to the end of the feed
+
+        changes = store.item_changes(0)
+        seqs = [c.seq for c in changes]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        # The feed holds the latest state per item, in the order of the latest writes.
+        assert [c.item_id for c in changes][-1] == "a"
+        assert [c.item_id for c in changes if c.item_id != "a"] == ["b", "c"]
+        assert changes[-1].item.title == "A2"
+        np.testing.assert_allclose(changes[-1].item.vector, _vec(4), atol=1e-6)
+
+        # Paging with after_seq and limit walks the feed exactly once, in order.
+        walked, cursor = [], 0
+        while True:
+            page = store.item_changes(cursor, limit=1)
+            if not page:
+                break
+            assert len(page) == 1
+            walked.append(page[0].item_id)
+            assert page[0].seq > cursor
+            cursor = page[0].seq
+        assert walked == [c.item_id for c in changes]
+        assert store.item_changes(seqs[-1]) == []
+        assert [c.seq for c in store.item_changes(seqs[0])] == seqs[1:]
+
+    def test_item_interaction_counts(self, store):
+        store.upsert_items([_item("a", 1), _item("b", 2)])
+        store.append_events(
+            0,
+            [
+                _event("u1", "e1", "a"),
+                _event("u1", "e2", "a", EventType.CLICK),
+                _event("u2", "e1", "a"),
+                _event("u2", "e2", "b"),
+                _event("u2", "e3", "", EventType.SEARCH, text="space movies"),
+            ],
+        )
+        counts = store.item_interaction_counts()
+        assert counts == {"a": 3, "b": 1}
+
+    # -- events -------------------------------------------------------------------------------
+    def test_append_events_returns_increasing_seqs(self, store):
+        seqs = store.append_events(0, [_event("u1", "e1", "a"), _event("u1", "e2", "a"), _event("u2", "e1", "a")])
+        assert all(isinstance(s, int) for s in seqs)
+        assert seqs == sorted(seqs) and len(set(seqs)) == 3
+        more = store.append_events(0, [_event("u3", "e1", "a")])
+        assert more[0] > seqs[-1]
+        assert store.event_seq("u1", "e2") == seqs[1]
+        assert store.event_seq("u2", "e1") == seqs[2]
+        assert store.event_seq("u1", "nope") is None
+        assert store.event_seq("nobody", "e1") is None
+
+    def test_append_events_dedupes_on_user_and_event_id(self, store):
+        first = store.append_events(0, [_event("u1", "e1", "a")])
+        # Same event_id for another user is a different event; same (user, event) is a duplicate.
+        again = store.append_events(0, [_event("u1", "e1", "a"), _event("u2", "e1", "a")])
+        assert again[0] is None
+        assert isinstance(again[1], int)
+        assert store.event_seq("u1", "e1") == first[0]
+        assert len(_replay(store, 0)) == 2
+
+    def test_append_events_dedupes_inside_one_batch(self, store):
+        seqs = store.append_events(
+            0,
+            [
+                _event("u1", "e1", "a", value=1.0),
+                _event("u1", "e2", "b"),
+                _event("u1", "e1", "a", value=2.0),  # retry inside the same batch
+            ],
+        )
+        assert seqs[0] is not None and seqs[1] is not None
+        assert seqs[2] is None
+        replayed = _replay(store, 0)
+        assert [(s.event.user_id, s.event.event_id) for s in replayed] == [("u1", "e1"), ("u1", "e2")]
+        assert replayed[0].event.value == pytest.approx(1.0)  # the first write wins
+
+    def test_events_roundtrip_through_replay(self, store):
+        text_vec = _vec(7)
+        events = [
+            _event("u1", "e1", "a", EventType.RATING, value=4.5, event_time=123.25, attribution_token="tok"),
+            _event("u1", "e2", "", EventType.SEARCH, text="space opera", text_vector=text_vec, event_time=200.0),
+        ]
+        seqs = store.append_events(3, events)
+        replayed = _replay(store, 3, 4)
+        assert [s.seq for s in replayed] == seqs
+        assert all(s.shard == 3 for s in replayed)
+        r0, r1 = replayed[0].event, replayed[1].event
+        assert (r0.event_id, r0.user_id, r0.event_type, r0.item_id) == ("e1", "u1", EventType.RATING, "a")
+        assert r0.value == pytest.approx(4.5)
+        assert r0.event_time == pytest.approx(123.25)
+        assert r0.attribution_token == "tok"
+        assert r0.text_vector is None
+        assert r1.event_type == EventType.SEARCH and r1.text == "space opera" and r1.item_id == ""
+        assert r1.text_vector is not None
+        np.testing.assert_allclose(r1.text_vector, text_vec, atol=1e-6)
+        assert _replay(store, 0, 4) == []
+
+    def test_events_for_replay_is_per_shard_in_seq_order(self, store):
+        store.append_events(1, [_event("u1", "e1", "a")])
+        store.append_events(0, [_event("u2", "e1", "a")])
+        store.append_events(1, [_event("u3", "e1", "a"), _event("u1", "e2", "a")])
+        shard1 = _replay(store, 1, 2)
+        assert [(s.event.user_id, s.event.event_id) for s in shard1] == [("u1", "e1"), ("u3", "e1"), ("u1", "e2")]
+        seqs = [s.seq for s in shard1]
+        assert seqs == sorted(seqs)
+        assert [s.event.user_id for s in _replay(store, 0, 2)] == ["u2"]
+
+    def test_events_for_replay_skips_events_covered_by_snapshot(self, store):
+        s = store.append_events(0, [_event("u1", "e1", "a"), _event("u1", "e2", "a"), _event("u2", "e1", "a")])
+        later = store.append_events(0, [_event("u1", "e3", "a")])
+        # u1's snapshot covers e1 and e2 (event_seq = seq of e2); u2 has no snapshot.
+        store.save_snapshots([SnapshotRow("u1", 0, s[1], "{}", b"")])
+        replayed = [(x.event.user_id, x.event.event_id) for x in _replay(store, 0)]
+        assert replayed == [("u2", "e1"), ("u1", "e3")]
+        assert _replay(store, 0)[-1].seq == later[0]
+
+        # A snapshot covering everything leaves nothing of that user to replay.
+        store.save_snapshots([SnapshotRow("u1", 0, later[0], "{}", b"")])
+        assert [(x.event.user_id, x.event.event_id) for x in _replay(store, 0)] == [("u2", "e1")]
+
+    def test_delete_user_removes_events_and_snapshot(self, store):
+        store.append_events(0, [_event("u1", "e1", "a"), _event("u1", "e2", "b"), _event("u2", "e1", "a")])
+        store.save_snapshots(
+            [SnapshotRow("u1", 0, 1, '{"v": 1}', b"\x00" * 8), SnapshotRow("u2", 0, 1, '{"v": 2}', b"")]
+        )
+        assert store.delete_user("u1") == 2
+        assert store.event_seq("u1", "e1") is None
+        assert store.event_seq("u1", "e2") is None
+        assert [r.user_id for r in store.load_snapshots(0)] == ["u2"]
+        assert all(s.event.user_id != "u1" for s in _replay(store, 0))
+        assert store.item_interaction_counts() == {"a": 1}
+        # The other user is untouched; deleting an unknown user deletes nothing.
+        assert store.event_seq("u2", "e1") is not None
+        assert store.delete_user("nobody") == 0
+        # After erasure the same event id is new again (no stale dedupe key).
+        assert store.append_events(0, [_event("u1", "e1", "a")])[0] is not None
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def test_snapshots_roundtrip_and_replace(self, store):
+        blob = np.arange(6, dtype=np.float32).tobytes()
+        store.save_snapshots(
+            [
+                SnapshotRow("u1", 0, 5, '{"version": 3}', blob),
+                SnapshotRow("u2", 1, 7, '{"version": 1}', b""),
+            ]
+        )
+        rows = {r.user_id: r for r in store.load_snapshots(0)}
+        assert set(rows) == {"u1"}
+        r = rows["u1"]
+        assert (r.user_id, r.shard, r.event_seq, r.state) == ("u1", 0, 5, '{"version": 3}')
+        assert bytes(r.vectors) == blob
+        np.testing.assert_allclose(np.frombuffer(bytes(r.vectors), dtype=np.float32), np.arange(6))
+        assert [x.user_id for x in store.load_snapshots(1)] == ["u2"]
+        assert list(store.load_snapshots(2)) == []
+
+        store.save_snapshots([SnapshotRow("u1", 0, 9, '{"version": 4}', b"\x01\x02")])
+        rows = list(store.load_snapshots(0))
+        assert len(rows) == 1
+        assert (rows[0].event_seq, rows[0].state, bytes(rows[0].vectors)) == (9, '{"version": 4}', b"\x01\x02")
+
+    def test_save_empty_snapshots_is_a_no_op(self, store):
+        store.save_snapshots([])
+        assert list(store.load_snapshots(0)) == []
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def test_ensure_num_shards_reassigns_when_count_changes(self, store):
+        users = ["u0", "u1", "u2", "u3", "u4", "u5"]
+        store.ensure_num_shards(1, _mod_shard)
+        for u in users:
+            store.append_events(0, [_event(u, "e1", "a"), _event(u, "e2", "a")])
+        store.save_snapshots([SnapshotRow(u, 0, 0, "{}", b"") for u in users[:3]])
+
+        store.ensure_num_shards(3, _mod_shard)
+        for shard in range(3):
+            expected = [u for u in users if int(u[1:]) % 3 == shard]
+            replayed = _replay(store, shard, 3)
+            assert sorted({s.event.user_id for s in replayed}) == expected
+            assert len(replayed) == 2 * len(expected)
+            assert all(s.shard == shard for s in replayed)
+            assert sorted(r.user_id for r in store.load_snapshots(shard)) == [u for u in users[:3] if u in expected]
+        assert sum(len(_replay(store, s, 3)) for s in range(3)) == 12
+
+        # Back to two shards: everything moves again, nothing is lost or duplicated.
+        store.ensure_num_shards(2, _mod_shard)
+        for shard in range(2):
+            expected = [u for u in users if int(u[1:]) % 2 == shard]
+            assert sorted({s.event.user_id for s in _replay(store, shard, 2)}) == expected
+            assert sorted(r.user_id for r in store.load_snapshots(shard)) == [u for u in users[:3] if u in expected]
+        assert _replay(store, 2, 2) == []
+        assert sum(len(_replay(store, s, 2)) for s in range(2)) == 12
+
+    def test_ensure_num_shards_keeps_assignment_when_count_unchanged(self, store):
+        store.ensure_num_shards(2, _mod_shard)
+        store.append_events(1, [_event("u1", "e1", "a")])
+        store.append_events(0, [_event("u2", "e1", "a")])
+        # Same count as last start: nothing is re-assigned (even with a different function).
+        store.ensure_num_shards(2, lambda user_id, n: 0)
+        assert [s.event.user_id for s in _replay(store, 1, 2)] == ["u1"]
+        assert [s.event.user_id for s in _replay(store, 0, 2)] == ["u2"]
+
+    def test_second_store_object_sees_committed_writes(self, opener):
+        writer = opener()
+        reader = opener()
+        # Open the reader before any write, so it cannot just be reading a copy made at open.
+        assert reader.count_items() == 0
+
+        writer.upsert_items([_item("a", 1, title="Alpha")])
+        got = reader.get_item("a")
+        assert got is not None and got.title == "Alpha"
+        np.testing.assert_allclose(reader.get_item_vectors(["a"])["a"], _vec(1), atol=1e-6)
+        assert [c.item_id for c in reader.item_changes(0)] == ["a"]
+
+        seqs = writer.append_events(0, [_event("u1", "e1", "a")])
+        assert reader.event_seq("u1", "e1") == seqs[0]
+        # Dedupe holds across connections: the reader's retry of the same event is a duplicate.
+        assert reader.append_events(0, [_event("u1", "e1", "a")]) == [None]
+        assert reader.item_interaction_counts() == {"a": 1}
+
+        writer.save_snapshots([SnapshotRow("u1", 0, seqs[0], "{}", b"")])
+        assert [r.user_id for r in reader.load_snapshots(0)] == ["u1"]
+        assert _replay(reader, 0) == []
+
+        writer.delete_items(["a"])
+        assert reader.get_item("a") is None
+        assert reader.item_changes(0)[-1].item is None
+
+        # Writes flow the other way too.
+        reader.upsert_items([_item("b", 2)])
+        assert writer.get_item("b") is not None
+
+    def test_reopened_store_keeps_everything(self, opener):
+        first = opener()
+        first.upsert_items([_item("a", 1)])
+        seqs = first.append_events(0, [_event("u1", "e1", "a")])
+        first.save_snapshots([SnapshotRow("u1", 0, seqs[0], "{}", b"\x05")])
+        first.close()
+
+        second = opener()
+        assert second.get_item("a") is not None
+        assert second.event_seq("u1", "e1") == seqs[0]
+        assert bytes(next(iter(second.load_snapshots(0))).vectors) == b"\x05"
+        # Sequence numbers keep growing after a reopen.
+        assert second.append_events(0, [_event("u1", "e2", "a")])[0] > seqs[0]
+        old_item_seq = second.item_changes(0)[-1].seq
+        second.upsert_items([_item("b", 2)])
+        assert second.item_changes(0)[-1].seq > old_item_seq
