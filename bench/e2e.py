@@ -241,6 +241,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tastemaker_bench.echo import ECHO_APP_NAME, deploy_echo
 
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Other work on a shared machine shifts absolute times (the ratios much less): say how busy it was.
+    load_before = round(os.getloadavg()[0], 2)
     json_path = Path(args.json) if args.json else DEFAULT_JSON
     tmp = tempfile.TemporaryDirectory(prefix="tastemaker-bench-e2e-")
     grpc_port, http_port = free_port(), free_port()
@@ -296,6 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             service.close()
             echo.close()
     finally:
+        load_after = round(os.getloadavg()[0], 2)
         progress("stopping the service")
         try:
             stop_service(config)
@@ -320,6 +323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "seed": args.seed,
         "ray_cpus": ray_cpus,
         "client": "in-process, one gRPC channel per client thread",
+        "load_avg_1m_before": load_before,
+        "load_avg_1m_after": load_after,
     }
     figures = _figures(results)
     report = {"benchmark": "e2e", "started": started, "host": host_block(), "params": params, "figures": figures}

@@ -492,9 +492,12 @@ class TestProfileShard:
             assert sum(fresh.profile_state(user).counts.values()) == accepted[user]
             assert fresh.profile_state(user).counts == shard.profile_state(user).counts
 
-        # Recovering twice is idempotent (memory is rebuilt, not added to).
+        # Recovering twice is idempotent (memory is rebuilt, not added to), for users with and
+        # without a snapshot alike.
         assert fresh.recover() == 32
-        assert fresh.profile_view("u1").profile_version == accepted["u1"]
+        for user in users:
+            assert fresh.profile_view(user).profile_version == accepted[user]
+            assert sum(fresh.profile_state(user).counts.values()) == accepted[user]
 
     def test_recovery_without_snapshots_replays_everything(self, stores):
         shard = ProfileShard(0, stores(), _cfg())

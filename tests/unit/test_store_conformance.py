@@ -175,6 +175,23 @@ class TestStoreConformance:
         newer = store.item_changes(max(before.values()))
         assert [(c.item_id, c.item) for c in newer] == [("a", None)]
 
+    def test_each_tombstone_gets_its_own_seq(self, store):
+        store.upsert_items([_item("a", 1), _item("b", 2), _item("c", 3)])
+        cursor = store.item_changes(0)[-1].seq
+        deleted, _ = store.delete_items(["a", "b", "c"])
+        assert deleted == 3
+        tombstones = store.item_changes(cursor)
+        assert sorted(c.item_id for c in tombstones) == ["a", "b", "c"]
+        assert all(c.item is None for c in tombstones)
+        seqs = [c.seq for c in tombstones]
+        assert len(set(seqs)) == 3 and seqs == sorted(seqs)
+        # A follower paging one change at a time sees every tombstone exactly once.
+        walked = []
+        while page := store.item_changes(cursor, limit=1):
+            walked.append(page[0].item_id)
+            cursor = page[0].seq
+        assert sorted(walked) == ["a", "b", "c"]
+
     def test_reupsert_after_delete_revives_item(self, store):
         store.upsert_items([_item("a", 1)])
         store.delete_items(["a"])
