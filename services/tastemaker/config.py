@@ -53,6 +53,7 @@ class RetrievalConfig(_Strict):
     popularity_weight: float = Field(0.15, description="Weight of the log-popularity prior in [0, 1].")
     negative_weight: float = Field(0.5, description="Penalty weight of cosine(negative profile, item).")
     refresh_interval_s: float = Field(0.25, gt=0, description="How often replicas follow the item change feed.")
+    popularity_refresh_s: float = Field(5.0, gt=0, description="How often replicas recount item popularity.")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
@@ -147,7 +148,11 @@ ENV_ALLOWLIST: dict[str, tuple[str, ...]] = {
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
-        tree = tree.setdefault(key, {})
+        if tree.get(key) is None:  # an empty YAML section (`server:`) loads as None
+            tree[key] = {}
+        if not isinstance(tree[key], dict):
+            raise InvalidArgument(f"config section {key!r} must be a mapping, not {tree[key]!r}")
+        tree = tree[key]
     tree[path[-1]] = value
 
 

@@ -455,6 +455,17 @@ class TestLoadConfig:
         assert cfg.profiles.num_shards == 5
         assert cfg.encoder.device == "cuda"
 
+    def test_empty_yaml_section_with_env_is_filled_in(self, tmp_path):
+        path = tmp_path / "c.yaml"
+        path.write_text("server:\n")
+        assert load_config(path, environ={"TASTEMAKER_GRPC_PORT": "9100"}).server.grpc_port == 9100
+
+    def test_non_mapping_yaml_section_with_env_is_invalid_argument(self, tmp_path):
+        path = tmp_path / "c.yaml"
+        path.write_text("server: 5\n")
+        with pytest.raises(InvalidArgument, match="must be a mapping"):
+            load_config(path, environ={"TASTEMAKER_GRPC_PORT": "9100"})
+
     def test_override_unknown_field_rejected(self):
         with pytest.raises(InvalidArgument):
             load_config(overrides={("server", "nope"): 1}, environ={})

@@ -15,10 +15,6 @@ from tastemaker.store import open_store
 
 logger = logging.getLogger(__name__)
 
-#: Popularity is a slow signal; recount it at most this often.
-POPULARITY_REFRESH_S = 30.0
-
-
 @serve.deployment(name="Retrieval")
 class RetrievalDeployment:
     """Every replica follows the change feed on its own, so all replicas converge."""
@@ -45,7 +41,7 @@ class RetrievalDeployment:
             self.retriever.upsert(upserts)
             self.seq = changes[-1].seq
             applied += len(changes)
-        if applied or time.monotonic() - self._popularity_time > POPULARITY_REFRESH_S:
+        if applied or time.monotonic() - self._popularity_time > self.config.popularity_refresh_s:
             self.retriever.catalog.set_popularity(self.store.item_interaction_counts())
             self._popularity_time = time.monotonic()
         return applied
