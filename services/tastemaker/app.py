@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from tastemaker.config import ServiceConfig
+from tastemaker.config import ServiceConfig, load_config
 from tastemaker.errors import Unavailable
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,16 @@ def build_app(config: ServiceConfig):
         max_ongoing_requests=gw.max_ongoing_requests,
         ray_actor_options={"num_cpus": gw.num_cpus},
     ).bind(settings, encoder, retrieval)
+
+
+def app_builder(args: dict):
+    """Entry point for Serve config files (`import_path: tastemaker.app:app_builder`), used by
+    `serve deploy` and KubeRay. `args.config` is an optional YAML path; allowlisted environment
+    variables apply as usual."""
+    unknown = set(args or {}) - {"config"}
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)}; allowed: config")
+    return build_app(load_config((args or {}).get("config")))
 
 
 def start_ray_and_serve(config: ServiceConfig) -> None:

@@ -125,7 +125,7 @@ class GatewayDeployment:
                 by_shard[shard_of(event.user_id, self.settings.profiles.num_shards)].append(i)
         results = await asyncio.gather(
             *(
-                self.shards._await(self.shards.actors[shard].apply_events.remote([events[i] for i in positions]))
+                self.shards.await_ref(self.shards.actors[shard].apply_events.remote([events[i] for i in positions]))
                 for shard, positions in by_shard.items()
             )
         )

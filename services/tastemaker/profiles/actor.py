@@ -88,13 +88,14 @@ class ShardRouter:
 
     async def call(self, user_id: str, method: str, *args):
         """Call a shard method for a user; a dead or restarting shard becomes Unavailable."""
-        return await self._await(getattr(self.actor_for(user_id), method).remote(*args))
+        return await self.await_ref(getattr(self.actor_for(user_id), method).remote(*args))
 
     async def call_all(self, method: str, *args) -> list:
-        return await asyncio.gather(*(self._await(getattr(a, method).remote(*args)) for a in self.actors))
+        return await asyncio.gather(*(self.await_ref(getattr(a, method).remote(*args)) for a in self.actors))
 
     @staticmethod
-    async def _await(ref):
+    async def await_ref(ref):
+        """Await a shard call; a dead or restarting shard becomes Unavailable."""
         try:
             return await ref
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
