@@ -113,8 +113,14 @@ def measure_concurrent(
     per_thread: list[list[float]] = [[] for _ in range(threads)]
     errors = [0] * threads
     first_error: list[str] = []
-    barrier = threading.Barrier(threads + 1)
     deadline = [0.0]
+    started = [0.0]
+
+    def start_clock() -> None:  # runs once, when every thread has connected, before any is released
+        started[0] = time.perf_counter()
+        deadline[0] = started[0] + duration_s
+
+    barrier = threading.Barrier(threads, action=start_clock)
 
     def worker(i: int) -> None:
         call = calls[i][0]
@@ -140,12 +146,9 @@ def measure_concurrent(
     pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
     for t in pool:
         t.start()
-    deadline[0] = time.perf_counter() + duration_s
-    started = time.perf_counter()
-    barrier.wait()
     for t in pool:
         t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started[0]
     for _, close in calls:
         close()
     return Concurrent(

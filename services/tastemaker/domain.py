@@ -80,7 +80,8 @@ class Item:
 
 @dataclass
 class UserEvent:
-    """One user event after validation. `text_vector` is filled by the gateway for text events."""
+    """One user event after validation. For text events the gateway fills `text_vector` and, for
+    reviews, `sentiment` in [-1, 1] (how much closer the text is to praise than to complaint)."""
 
     event_id: str
     user_id: str
@@ -91,6 +92,7 @@ class UserEvent:
     event_time: float = 0.0
     attribution_token: str = ""
     text_vector: Optional[np.ndarray] = None
+    sentiment: float = 0.0
 
 
 @dataclass

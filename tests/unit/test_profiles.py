@@ -11,7 +11,7 @@ import pytest
 from tastemaker.config import EventWeights, ProfileConfig
 from tastemaker.domain import EventStatus, EventType, Item, ProfileView, UserEvent
 from tastemaker.profiles.shard import ProfileShard
-from tastemaker.profiles.state import ProfileState, event_weight, half_life_factor, shard_of
+from tastemaker.profiles.state import ProfileState, event_weight, half_life_factor, review_sentiment, shard_of
 from tastemaker.store import open_store
 
 DAY = 86_400.0
@@ -70,6 +70,19 @@ class TestEventWeight:
     def test_review_sign_follows_rating(self, value, expected):
         # No rating (0) counts as interest; with a rating the sign follows (value >= centre).
         assert event_weight(_ev(EventType.REVIEW, "", value, text="x"), self.W) == pytest.approx(expected, abs=1e-9)
+
+    @pytest.mark.parametrize("value, sentiment, expected", [(0.0, -0.2, -1.0), (0.0, 0.3, 1.0), (5.0, -0.9, 1.0), (1.0, 0.9, -1.0)])
+    def test_review_without_rating_follows_text_sentiment(self, value, sentiment, expected):
+        # The rating, when given, wins over the text; without one the text's sentiment decides.
+        event = _ev(EventType.REVIEW, "", value, text="x", sentiment=sentiment)
+        assert event_weight(event, self.W) == pytest.approx(expected, abs=1e-9)
+
+    def test_review_sentiment_is_praise_minus_complaint_cosine(self):
+        praise, complaint = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+        text = _normalised(np.array([3.0, 1.0, 0.0]))
+        # cos to praise 3/sqrt(10), to complaint 1/sqrt(10): (3 - 1) / sqrt(10) / 2
+        assert review_sentiment(text, praise, complaint) == pytest.approx(1 / np.sqrt(10), abs=1e-9)
+        assert review_sentiment(praise, praise, -praise) == pytest.approx(1.0)
 
 
 # -- profile state ---------------------------------------------------------------------------

@@ -18,12 +18,12 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 
 from tastemaker.config import GatewayConfig, ProfileConfig
-from tastemaker.domain import TEXT_EVENT_TYPES, EventAck, ProfileView, UserEvent, UserProfileSummary
+from tastemaker.domain import TEXT_EVENT_TYPES, EventAck, EventType, ProfileView, UserProfileSummary
 from tastemaker.errors import FailedPrecondition, InvalidArgument, NotFound
 from tastemaker.gateway import convert
 from tastemaker.gateway.errors import status_for
 from tastemaker.profiles.actor import ShardRouter
-from tastemaker.profiles.state import shard_of
+from tastemaker.profiles.state import SENTIMENT_ANCHORS, review_sentiment, shard_of
 from tastemaker.store import open_store
 from tastemaker.v1 import recommender_service_pb2 as pb
 
@@ -81,6 +81,12 @@ class GatewayDeployment:
         self.store = open_store(settings.store_url)
         self.shards = ShardRouter(settings.app_name, settings.namespace, settings.store_url, settings.profiles)
         self.shards.wait_ready()
+        self._anchors = None  # praise/complaint vectors, encoded on first use
+
+    async def _sentiment_anchors(self):
+        if self._anchors is None:
+            self._anchors = await self.encoder.encode.remote(list(SENTIMENT_ANCHORS))
+        return self._anchors
 
     # -- catalog --------------------------------------------------------------------------
     @_mapped(pb.UpsertItemsResponse)
@@ -119,6 +125,11 @@ class GatewayDeployment:
             vectors = await self.encoder.encode.remote([e.text for _, e in texts])
             for (_, event), vector in zip(texts, vectors):
                 event.text_vector = vector
+            if any(e.event_type == EventType.REVIEW for _, e in texts):
+                praise, complaint = await self._sentiment_anchors()
+                for _, event in texts:
+                    if event.event_type == EventType.REVIEW:
+                        event.sentiment = review_sentiment(event.text_vector, praise, complaint)
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, event in enumerate(events):
             if event is not None:

@@ -35,11 +35,13 @@ def event_weight(event: UserEvent, weights: EventWeights) -> float:
     if t == EventType.RATING:
         return (event.value - weights.rating_centre) * weights.rating_scale
     if t == EventType.REVIEW:
-        # With a rating, the review leans the way the rating does; without one it counts as interest.
+        # With a rating, the review leans the way the rating does; without one, the way its text
+        # does (sentiment from the encoder, see `review_sentiment`).
         if event.value > 0:
             sign = 1.0 if event.value >= weights.rating_centre else -1.0
-            return sign * weights.review
-        return weights.review
+        else:
+            sign = -1.0 if event.sentiment < 0 else 1.0
+        return sign * weights.review
     if t == EventType.SEARCH:
         return weights.search
     if t == EventType.SKIP:
@@ -185,6 +187,22 @@ class ProfileState:
             seen=dict.fromkeys(state["seen"]),
         )
         return profile
+
+
+#: Texts whose encodings anchor review sentiment: praise and complaint.
+SENTIMENT_ANCHORS = (
+    "I loved it. Wonderful, brilliant, great fun, highly recommended.",
+    "I hated it. Terrible, boring, awful, a complete waste of time.",
+)
+
+
+def review_sentiment(text_vector: np.ndarray, praise: np.ndarray, complaint: np.ndarray) -> float:
+    """Zero-shot review sentiment in [-1, 1]: cosine to praise minus cosine to complaint.
+
+    All vectors are unit norm (the encoder's contract), so the difference of two cosines is
+    already bounded by [-2, 2]; halving it keeps the result in [-1, 1].
+    """
+    return float(np.clip((text_vector @ praise - text_vector @ complaint) / 2.0, -1.0, 1.0))
 
 
 def shard_of(user_id: str, num_shards: int) -> int:

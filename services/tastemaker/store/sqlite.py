@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS events (
     event_time REAL NOT NULL,
     attribution_token TEXT NOT NULL DEFAULT '',
     text_vector BLOB,
+    sentiment REAL NOT NULL DEFAULT 0,
     UNIQUE (user_id, event_id)
 );
 CREATE INDEX IF NOT EXISTS events_by_shard ON events(shard, seq);
@@ -82,6 +83,13 @@ class SQLiteStore:
         self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring files written by older versions up to the current schema (additive only)."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(events)")}
+        if "sentiment" not in columns:
+            self._conn.execute("ALTER TABLE events ADD COLUMN sentiment REAL NOT NULL DEFAULT 0")
 
     # -- helpers --------------------------------------------------------------------------
     def _write(self):
@@ -231,7 +239,7 @@ class SQLiteStore:
             for event in events:
                 cursor = conn.execute(
                     "INSERT OR IGNORE INTO events(user_id, event_id, shard, event_type, item_id, value, "
-                    "text, event_time, attribution_token, text_vector) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "text, event_time, attribution_token, text_vector, sentiment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         event.user_id,
                         event.event_id,
@@ -243,6 +251,7 @@ class SQLiteStore:
                         float(event.event_time),
                         event.attribution_token,
                         _vector_bytes(event.text_vector),
+                        float(event.sentiment),
                     ),
                 )
                 seqs.append(cursor.lastrowid if cursor.rowcount == 1 else None)
@@ -260,7 +269,7 @@ class SQLiteStore:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT e.seq, e.shard, e.event_id, e.user_id, e.event_type, e.item_id, e.value, "
-                "e.text, e.event_time, e.attribution_token, e.text_vector "
+                "e.text, e.event_time, e.attribution_token, e.text_vector, e.sentiment "
                 "FROM events e LEFT JOIN snapshots s ON s.user_id = e.user_id "
                 "WHERE e.shard = ? AND (s.event_seq IS NULL OR e.seq > s.event_seq) ORDER BY e.seq",
                 (shard,),
@@ -279,6 +288,7 @@ class SQLiteStore:
                     event_time=row[8],
                     attribution_token=row[9],
                     text_vector=_vector_from(row[10]),
+                    sentiment=row[11],
                 ),
             )
 
