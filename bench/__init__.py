@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 #: benchmark name -> module under this package with a `main(argv) -> int`.
-BENCHMARKS = {"e2e": "tastemaker_bench.e2e"}
+BENCHMARKS = {"e2e": "tastemaker_bench.e2e", "freshness": "tastemaker_bench.freshness"}
 
 
 def run_benchmark(name: str, argv: list[str]) -> int:

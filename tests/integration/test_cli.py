@@ -27,12 +27,13 @@ START_TIMEOUT_S = 420
 class ServeProcess:
     """`tastemaker serve` in a subprocess, its output read line by line on a thread."""
 
-    def __init__(self, data_dir: Path, port: int, http_port: int):
+    def __init__(self, data_dir: Path, port: int, http_port: int, *extra: str):
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        demo = list(extra) or ["--demo-items", "150", "--demo-users", "40"]
         self.proc = subprocess.Popen(
             [
                 str(BIN / "tastemaker"), "serve", "--data-dir", str(data_dir), "--port", str(port),
-                "--http-port", str(http_port), "--demo-items", "150", "--demo-users", "40", "--quiet",
+                "--http-port", str(http_port), "--quiet", *demo,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -72,6 +73,35 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def crash(self) -> None:
+        """SIGKILL the service and every process it started (Ray's GCS, raylet, replicas, shard
+        actors) at once, as a power cut or the OOM killer would: no shutdown code runs."""
+        doomed = [self.proc.pid, *_descendants(self.proc.pid)]
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+
+def _descendants(root: int) -> list[int]:
+    """All processes below `root`, from /proc (Ray daemonises some of them into new sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
 
 
 def _cli_json(port: int, command: str, *extra: str) -> dict:
@@ -117,6 +147,56 @@ def test_serve_recommend_ctrl_c_and_restart_keeps_data(tmp_path):
         again = _recommend_json(port, "--user", user, "--k", "5")
         assert again["profile_version"] == first["profile_version"]
         assert _cli_json(port, "profile", "--user", user) == profile_before
+        assert server.interrupt() == 0
+    finally:
+        server.kill()
+
+
+def test_service_killed_mid_stream_loses_no_acknowledged_event(tmp_path):
+    from tastemaker.client import TastemakerClient
+    from tastemaker.v1 import recommender_service_pb2 as pb
+
+    port, http_port = free_port(), free_port()
+    data_dir = tmp_path / "crash-data"
+    items = [pb.Item(item_id=f"i{n}", title=f"Item number {n}", tags=["t"]) for n in range(20)]
+    total = 4_000
+    events = [
+        pb.UserEvent(event_id=f"n{n}", user_id=f"user-{n % 7}", event_type=pb.EVENT_TYPE_CLICK, item_id=f"i{n % 20}")
+        for n in range(total)
+    ]
+    acked: list[str] = []
+    server = ServeProcess(data_dir, port, http_port, "--no-demo")
+    try:
+        server.wait_for("READY", START_TIMEOUT_S)
+        with TastemakerClient(f"127.0.0.1:{port}") as client:
+            client.upsert_items(items)
+            try:
+                for ack in client.stream_events(events, max_batch=50, linger_s=0.001):
+                    assert ack.status == pb.EVENT_STATUS_ACCEPTED
+                    acked.append(ack.event_id)
+                    if len(acked) == 1_000:
+                        server.crash()  # in the middle of the numbered events
+            except Exception:  # the stream breaks when the service dies; that is the point
+                pass
+    finally:
+        server.kill()
+    assert 1_000 <= len(acked) < total, "the crash must land mid-stream"
+
+    server = ServeProcess(data_dir, port, http_port, "--no-demo")
+    try:
+        server.wait_for("READY", START_TIMEOUT_S)
+        with TastemakerClient(f"127.0.0.1:{port}") as client:
+            # The client retries everything: acknowledged events must come back as duplicates,
+            # the rest get applied now, and each exactly once.
+            acks = client.write_events(events, batch_size=500)
+            status = {a.event_id: a.status for a in acks}
+            lost = [e for e in acked if status[e] != pb.EVENT_STATUS_DUPLICATE]
+            assert not lost, f"{len(lost)} acknowledged events were lost, e.g. {lost[:3]}"
+            for user in range(7):
+                profile = client.get_user_profile(f"user-{user}")
+                expected = len(range(user, total, 7))
+                assert profile.profile_version == expected
+                assert sum(c.count for c in profile.event_counts) == expected
         assert server.interrupt() == 0
     finally:
         server.kill()
