@@ -45,7 +45,7 @@ def build_app(config: ServiceConfig):
         max_ongoing_requests=ret.max_ongoing_requests,
         ray_actor_options={"num_cpus": ret.num_cpus},
         logging_config={"enable_access_log": False},
-    ).bind(ret, store_url)
+    ).bind(ret, store_url, config.profiles.weights)
     gw = config.gateway
     settings = GatewaySettings(
         gateway=gw,

@@ -1,4 +1,4 @@
-"""The `tastemaker` command line: serve, recommend, similar, profile, load, bench."""
+"""The `tastemaker` command line: serve, recommend, similar, profile, load, fit, bench."""
 
 from __future__ import annotations
 
@@ -172,6 +172,31 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Fit the collaborative/sequential models from the event log and publish them to the store;
+    running retrieval replicas swap them in within `retrieval.artifact_check_s`."""
+    from tqdm import tqdm
+
+    from tastemaker.retrieval.collaborative import GRAPH_ARTIFACT, fit_graph, graph_params
+    from tastemaker.store import open_store
+
+    config = _config_from_args(args)
+    store = open_store(config.store_url())
+    try:
+        with tqdm(desc="fitting from the event log", unit="event") as bar:
+            graph, seq = fit_graph(store, graph_params(config.retrieval), config.profiles.weights, progress=bar)
+        blob = graph.to_bytes()
+        store.save_artifact(GRAPH_ARTIFACT, seq, blob)
+    finally:
+        store.close()
+    print(
+        f"fitted {GRAPH_ARTIFACT} on {graph.events_seen} events (log seq {seq}): "
+        f"{sum(len(r) for r in graph.next_counts.values())} transitions, "
+        f"{sum(len(r) for r in graph.co_counts.values())} co-occurrence pairs, {len(blob) / 1e6:.1f} MB"
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tastemaker_bench import run_benchmark
 
@@ -228,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("file")
     client_args(load)
     load.set_defaults(func=cmd_load)
+
+    fit = sub.add_parser("fit", help="fit collaborative/sequential models from the event log (hot-reloaded)")
+    fit.add_argument("--config", help="YAML config file")
+    fit.add_argument("--data-dir", help="state directory (default ~/.tastemaker)")
+    fit.set_defaults(func=cmd_fit)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
     bench.add_argument("benchmark", help="e.g. e2e")

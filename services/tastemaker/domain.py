@@ -54,6 +54,9 @@ class CandidateSource(enum.IntEnum):
     QUERY = 2
     POPULAR = 3
     SIMILAR_ITEM = 4
+    SEQUENTIAL = 5
+    COLLABORATIVE = 6
+    TRENDING = 7
 
 
 @dataclass

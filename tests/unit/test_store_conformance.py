@@ -451,3 +451,34 @@ class TestStoreConformance:
         old_item_seq = second.item_changes(0)[-1].seq
         second.upsert_items([_item("b", 2)])
         assert second.item_changes(0)[-1].seq > old_item_seq
+
+
+class TestEventFeedAndArtifacts:
+    """The event feed collaborative models follow, and artefacts of offline jobs."""
+
+    @staticmethod
+    def _event(user: str, event_id: str, item: str = "i1") -> UserEvent:
+        return UserEvent(event_id=event_id, user_id=user, event_type=EventType.CLICK, item_id=item, event_time=5.0)
+
+    def test_events_after_pages_in_seq_order_across_shards(self, store):
+        seqs = store.append_events(0, [self._event("a", "1"), self._event("a", "2")])
+        seqs += store.append_events(1, [self._event("b", "1", "i2")])
+        feed = store.events_after(0)
+        assert [s.seq for s in feed] == seqs
+        assert [(s.event.user_id, s.event.item_id, s.shard) for s in feed] == [("a", "i1", 0), ("a", "i1", 0), ("b", "i2", 1)]
+        assert [s.seq for s in store.events_after(seqs[0], limit=1)] == [seqs[1]]
+        assert store.events_after(seqs[-1]) == []
+
+    def test_erased_users_leave_the_feed(self, store):
+        store.append_events(0, [self._event("gone", "1"), self._event("kept", "1")])
+        store.delete_user("gone")
+        assert [s.event.user_id for s in store.events_after(0)] == ["kept"]
+
+    def test_artifacts_roundtrip_and_replace(self, opener):
+        first = opener()
+        assert first.load_artifact("model") is None and first.artifact_version("model") is None
+        first.save_artifact("model", 7, b"\x00\x01binary")
+        first.save_artifact("model", 9, b"newer")
+        second = opener()
+        assert second.load_artifact("model") == (9, b"newer")
+        assert second.artifact_version("model") == 9

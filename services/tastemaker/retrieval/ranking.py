@@ -3,6 +3,7 @@ retrieval deployment feeds it item changes and calls `recommend` / `similar_item
 
 from __future__ import annotations
 
+import heapq
 import re
 from typing import Optional, Sequence
 
@@ -20,6 +21,7 @@ from tastemaker.domain import (
 )
 from tastemaker.errors import NotFound
 from tastemaker.retrieval.catalog import Catalog
+from tastemaker.retrieval.collaborative import InteractionGraph
 from tastemaker.retrieval.index import VectorIndex, create_index
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -46,10 +48,12 @@ def _action(entry: HistoryEntry) -> str:
 class Retriever:
     """Owns the item index and metadata of one retrieval replica."""
 
-    def __init__(self, config: RetrievalConfig):
+    def __init__(self, config: RetrievalConfig, graph: Optional[InteractionGraph] = None):
         self.config = config
         self.catalog = Catalog()
         self.index: Optional[VectorIndex] = None
+        #: Collaborative and sequential signals; None = text and popularity only.
+        self.graph = graph
 
     # -- catalog maintenance --------------------------------------------------------------
     def upsert(self, items: Sequence[Item]) -> None:
@@ -66,13 +70,16 @@ class Retriever:
             self.index.remove(item_ids)
         for item_id in item_ids:
             self.catalog.remove(item_id)
+        if self.graph is not None:
+            self.graph.forget_items(item_ids)
 
     def __len__(self) -> int:
         return 0 if self.index is None else len(self.index)
 
     # -- recommend ------------------------------------------------------------------------
     def recommend(self, request: RecommendQuery, profile: ProfileView) -> list[ScoredItem]:
-        """Candidates from profile ANN, query ANN and popularity; filtered, scored, diversified."""
+        """Candidates from profile ANN, query ANN, next-item transitions, co-occurrence neighbours,
+        trending and popularity; filtered, scored, diversified and explained."""
         if self.index is None or len(self.index) == 0:
             return []
         cfg = self.config
@@ -88,6 +95,31 @@ class Retriever:
 
         propose(profile.vector, CandidateSource.PROFILE)
         propose(request.query_vector, CandidateSource.QUERY)
+
+        def eligible(item_id: str) -> bool:
+            return (
+                item_id not in excluded
+                and (allowed is None or item_id in allowed)
+                and item_id in self.catalog.items
+            )
+
+        graph_scores: dict[str, dict[str, tuple[float, str]]] = {}
+        if self.graph is not None:
+            graph_scores["sequential"] = {
+                i: v
+                for i, v in self.graph.sequential_scores(profile.recent, cfg.sequential_history, cfg.sequential_decay).items()
+                if eligible(i)
+            }
+            graph_scores["collaborative"] = {
+                i: v for i, v in self.graph.cooccurrence_scores(profile.recent).items() if eligible(i)
+            }
+            for name, source in (("sequential", CandidateSource.SEQUENTIAL), ("collaborative", CandidateSource.COLLABORATIVE)):
+                top = heapq.nlargest(cfg.candidate_pool, graph_scores[name].items(), key=lambda kv: (kv[1][0], kv[0]))
+                for item_id, _ in top:
+                    sources.setdefault(item_id, set()).add(source)
+            if profile.vector is None:  # cold users: what is popular lately, not only ever
+                for item_id, _ in self.graph.trending(cfg.candidate_pool // 4, eligible):
+                    sources.setdefault(item_id, set()).add(CandidateSource.TRENDING)
         # Popularity always contributes: it answers cold users and refills after strict filters,
         # so page_size results come back whenever enough items pass the filters.
         wanted_popular = max(cfg.candidate_pool // 4, request.page_size * 2)
@@ -104,6 +136,16 @@ class Retriever:
         ids = list(sources)
         vectors = self.index.vectors(ids)
         parts = self._score_parts(vectors, ids, profile, request)
+        anchors: dict[str, dict[str, str]] = {}
+        for name, weight in (("sequential", cfg.sequential_weight), ("collaborative", cfg.collaborative_weight)):
+            found = graph_scores.get(name)
+            if found:
+                # Scaled per request to [0, 1]: raw counts are not comparable across users.
+                top = max(v[0] for v in found.values()) or 1.0
+                parts[name] = weight * np.array([found[i][0] / top if i in found else 0.0 for i in ids])
+                anchors[name] = {i: found[i][1] for i in ids if i in found}
+        if self.graph is not None and cfg.trending_weight:
+            parts["trending"] = cfg.trending_weight * np.array([self.graph.trend_score(i) for i in ids])
         scores = sum(parts.values())
         order = self._select(scores, vectors, request.page_size, request.diversity)
         return [
@@ -112,7 +154,9 @@ class Retriever:
                 title=self.catalog.items[ids[i]].title,
                 score=float(scores[i]),
                 sources=sorted(sources[ids[i]]),
-                reason=self._reason(ids[i], vectors[i], {k: float(v[i]) for k, v in parts.items()}, profile, request),
+                reason=self._reason(
+                    ids[i], vectors[i], {k: float(v[i]) for k, v in parts.items()}, profile, request, anchors
+                ),
             )
             for i in order
         ]
@@ -158,10 +202,22 @@ class Retriever:
         parts: dict[str, float],
         profile: ProfileView,
         request: RecommendQuery,
+        anchors: Optional[dict[str, dict[str, str]]] = None,
     ) -> str:
         """A grounded explanation from the score part that contributed most."""
         ranked = sorted(((v, k) for k, v in parts.items() if k != "negative"), reverse=True)
         main = ranked[0][1] if ranked else "popularity"
+        anchor_id = (anchors or {}).get(main, {}).get(item_id)
+        if main in ("sequential", "collaborative") and anchor_id:
+            entry = next((h for h in reversed(profile.recent) if h.item_id == anchor_id), None)
+            meta = self.catalog.items.get(anchor_id)
+            title = meta.title if meta else anchor_id
+            yours = f", which you {_action(entry).format(title='').replace('  ', ' ').strip()}" if entry else ""
+            if main == "sequential":
+                return f"people often pick this right after {title}{yours}"
+            return f"people who liked {title} also liked this{yours}"
+        if main == "trending":
+            return "trending lately"
         if main == "profile":
             anchor = self._closest_liked(vector, profile.recent)
             if anchor is not None:

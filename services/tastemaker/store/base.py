@@ -69,6 +69,10 @@ class Store(Protocol):
         """Durably append events in one transaction; per event its seq, or None for a duplicate
         (same user_id and event_id already stored). Returns only after the commit is durable."""
 
+    def events_after(self, after_seq: int, limit: int = 10_000) -> list[StoredEvent]:
+        """All events with seq > after_seq in seq order (the feed collaborative models follow);
+        text vectors are not loaded. Events of erased users disappear from the feed."""
+
     def event_seq(self, user_id: str, event_id: str) -> Optional[int]:
         """The seq of a stored event, or None."""
 
@@ -84,6 +88,17 @@ class Store(Protocol):
 
     def load_snapshots(self, shard: int) -> Iterator[SnapshotRow]:
         """All snapshots of a shard."""
+
+    # Artefacts of offline jobs ---------------------------------------------------------
+    def save_artifact(self, name: str, version: int, blob: bytes) -> None:
+        """Store (replace) a named artefact, e.g. fitted collaborative models; `version` is the
+        event seq the artefact covers."""
+
+    def load_artifact(self, name: str) -> Optional[tuple[int, bytes]]:
+        """(version, blob) of a named artefact, or None."""
+
+    def artifact_version(self, name: str) -> Optional[int]:
+        """The version of a named artefact without loading it, or None."""
 
     # Lifecycle ---------------------------------------------------------------------------
     def ensure_num_shards(self, num_shards: int, shard_of: "ShardFunction") -> None:

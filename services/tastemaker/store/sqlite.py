@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_shard ON snapshots(shard);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, version INTEGER NOT NULL, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -256,6 +257,48 @@ class SQLiteStore:
                 )
                 seqs.append(cursor.lastrowid if cursor.rowcount == 1 else None)
         return seqs
+
+    def events_after(self, after_seq: int, limit: int = 10_000) -> list[StoredEvent]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, shard, event_id, user_id, event_type, item_id, value, event_time, sentiment "
+                "FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [
+            StoredEvent(
+                seq=row[0],
+                shard=row[1],
+                event=UserEvent(
+                    event_id=row[2],
+                    user_id=row[3],
+                    event_type=EventType(row[4]),
+                    item_id=row[5],
+                    value=row[6],
+                    event_time=row[7],
+                    sentiment=row[8],
+                ),
+            )
+            for row in rows
+        ]
+
+    def save_artifact(self, name: str, version: int, blob: bytes) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO artifacts(name, version, blob) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET version = excluded.version, blob = excluded.blob",
+                (name, version, blob),
+            )
+
+    def load_artifact(self, name: str) -> Optional[tuple[int, bytes]]:
+        with self._lock:
+            row = self._conn.execute("SELECT version, blob FROM artifacts WHERE name = ?", (name,)).fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
+
+    def artifact_version(self, name: str) -> Optional[int]:
+        with self._lock:
+            row = self._conn.execute("SELECT version FROM artifacts WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
 
     def event_seq(self, user_id: str, event_id: str) -> Optional[int]:
         with self._lock:

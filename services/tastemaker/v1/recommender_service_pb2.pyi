@@ -37,6 +37,9 @@ class CandidateSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CANDIDATE_SOURCE_QUERY: _ClassVar[CandidateSource]
     CANDIDATE_SOURCE_POPULAR: _ClassVar[CandidateSource]
     CANDIDATE_SOURCE_SIMILAR_ITEM: _ClassVar[CandidateSource]
+    CANDIDATE_SOURCE_SEQUENTIAL: _ClassVar[CandidateSource]
+    CANDIDATE_SOURCE_COLLABORATIVE: _ClassVar[CandidateSource]
+    CANDIDATE_SOURCE_TRENDING: _ClassVar[CandidateSource]
 EVENT_TYPE_UNSPECIFIED: EventType
 EVENT_TYPE_VIEW: EventType
 EVENT_TYPE_CLICK: EventType
@@ -56,6 +59,9 @@ CANDIDATE_SOURCE_PROFILE: CandidateSource
 CANDIDATE_SOURCE_QUERY: CandidateSource
 CANDIDATE_SOURCE_POPULAR: CandidateSource
 CANDIDATE_SOURCE_SIMILAR_ITEM: CandidateSource
+CANDIDATE_SOURCE_SEQUENTIAL: CandidateSource
+CANDIDATE_SOURCE_COLLABORATIVE: CandidateSource
+CANDIDATE_SOURCE_TRENDING: CandidateSource
 
 class Item(_message.Message):
     __slots__ = ("item_id", "title", "description", "tags", "attributes", "update_time")
