@@ -17,6 +17,10 @@ without storing it) into the same Serve instance. Then, `--runs` times:
   Per event: due time, send time (the message handed to gRPC) and ack time (its response read by
   the client). Reported: ack latency p50/p99 from send, the same from the due time (includes the
   linger), and the achieved events/s. The same stream shape against the echo is the baseline.
+  Messages leave on that schedule whatever the acks; nothing pushes back on small messages, so a
+  server slower than the message rate builds a queue. A second variant (`--fixed-inflight`,
+  figures `capped_*`) adds backpressure: a message also waits until fewer than N messages are
+  unacknowledged and takes every event that fell due meanwhile, so batches grow with the load.
 * **B — sustained throughput.** Messages of `--batch` events sent as fast as the stream takes
   them, with at most `--inflight` messages unacknowledged, for `--duration` seconds: CLICK events
   (no text) and REVIEW events (a ~30-word synthetic review text and rating 4 each; every text is
@@ -61,8 +65,9 @@ TARGETS = {
     "visible_p99_ms_max": 100.0,
 }
 
-#: Messages built before a throughput stream's clock starts (the rest are built while sending).
-PREBUILT_EVENTS = 100_000
+#: Events per throughput stream built before its clock starts: the echo cycles through its pool;
+#: the service (unique event ids) gets new messages built while sending once its pool is used up.
+PREBUILT_EVENTS = {"echo": 100_000, "service_click": 150_000, "service_review": 10_000}
 
 PAGE_SIZE = 10
 REVIEW_RATING = 4.0
@@ -157,6 +162,7 @@ class FixedRate:
 
     @property
     def mean_events_per_message(self) -> float:
+        """Over the whole stream, warm-up included."""
         return self.sent / self.messages if self.messages else float("nan")
 
 
@@ -210,10 +216,16 @@ def fixed_rate_stream(
     warmup_s: float,
     linger_s: float,
     max_batch: int,
+    inflight: Optional[int] = None,
 ) -> FixedRate:
-    """Open-loop stream: event j is due at t0 + j/rate; a message leaves `linger_s` after its first
+    """Open-loop schedule: event j is due at t0 + j/rate; a message leaves `linger_s` after its first
     event was due (or when `max_batch` events are due), carrying every event due by then (at most
-    `max_batch`). If the stream falls behind, later messages catch up with all overdue events."""
+    `max_batch`). If the stream falls behind, later messages catch up with all overdue events.
+
+    `inflight` None: messages leave on that schedule whatever the acks (what the brief's producer
+    does; nothing in gRPC or the Serve proxy pushes back on small messages, so they queue up at the
+    server if it is slower). `inflight` k: a message also waits until fewer than k are unacknowledged,
+    and the events that fall due meanwhile go into it (a producer with backpressure)."""
     import grpc
 
     from tastemaker.v1 import recommender_service_pb2 as pb
@@ -225,6 +237,8 @@ def fixed_rate_stream(
     index: dict[str, int] = {}
     messages_sent = [0]
     t0_box = [0.0]
+    window = threading.Semaphore(inflight) if inflight else None
+    stop = threading.Event()
 
     def messages() -> Iterator[object]:
         t0 = t0_box[0] = time.perf_counter() + 0.05
@@ -233,6 +247,10 @@ def fixed_rate_stream(
             first_due = t0 + i / rate
             send_at = min(first_due + linger_s, t0 + (i + max_batch - 1) / rate)
             _sleep_until(send_at)
+            if window is not None:
+                while not window.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
             now = time.perf_counter()
             batch = []
             j = i
@@ -250,7 +268,7 @@ def fixed_rate_stream(
 
     counts = AckCounts()
     error = None
-    call = stub.StreamUserEvents(messages(), timeout=warmup_s + duration_s + 120.0)
+    call = stub.StreamUserEvents(messages(), timeout=warmup_s + duration_s + 600.0)
     try:
         for response in call:
             t = time.perf_counter()
@@ -259,8 +277,12 @@ def fixed_rate_stream(
                 if j is not None:
                     acked[j] = t
                 counts.add(ack)
+            if window is not None:
+                window.release()
     except grpc.RpcError as exc:
         error = _rpc_error_text(exc)
+    finally:
+        stop.set()
 
     measured = due >= t0_box[0] + warmup_s
     done = measured & ~np.isnan(acked)
@@ -275,7 +297,7 @@ def fixed_rate_stream(
         ack_from_send_s=ack_from_send,
         ack_from_due_s=ack_from_due,
         events_per_s=events_per_s,
-        sent=int((measured & ~np.isnan(sent)).sum()),
+        sent=int((~np.isnan(sent)).sum()),
         acked=int(done.sum()),
         messages=messages_sent[0],
         counts=counts,
@@ -283,18 +305,21 @@ def fixed_rate_stream(
     )
 
 
-def max_rate_stream(stub, make_message: Callable[[int], tuple[object, int]], duration_s: float, inflight: int) -> Throughput:
+def max_rate_stream(
+    stub,
+    make_message: Callable[[int], tuple[object, int]],
+    duration_s: float,
+    inflight: int,
+    prebuilt: int,
+    cycle: bool = False,
+) -> Throughput:
     """Closed loop: at most `inflight` messages unacknowledged; new messages until `duration_s`
-    after the first one left, then drain. Messages are prebuilt (up to PREBUILT_EVENTS events)
-    before the clock starts, so building them costs the measured window as little as possible."""
+    after the first one left, then drain. `prebuilt` messages are built before the clock starts, so
+    building them costs the measured window nothing; past them, messages are built while sending,
+    or (`cycle`, for the echo, which stores nothing) the prebuilt ones are sent again."""
     import grpc
 
-    pool: list[tuple[object, int]] = []
-    pooled_events = 0
-    while pooled_events < PREBUILT_EVENTS:
-        message, n = make_message(len(pool))
-        pool.append((message, n))
-        pooled_events += n
+    pool = [make_message(k) for k in range(prebuilt)]
 
     window = threading.Semaphore(inflight)
     stop = threading.Event()
@@ -314,7 +339,12 @@ def max_rate_stream(stub, make_message: Callable[[int], tuple[object, int]], dur
                 clock["deadline"] = now + duration_s
             elif now >= clock["deadline"] or stop.is_set():
                 return
-            message, n = pool[k] if k < len(pool) else make_message(k)
+            if k < len(pool):
+                message, n = pool[k]
+            elif cycle and pool:
+                message, n = pool[k % len(pool)]
+            else:
+                message, n = make_message(k)
             k += 1
             send_times.append(time.perf_counter())
             sent_events[0] += n
@@ -416,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--linger-ms", type=float, default=5.0, help="a message leaves this long after its first event is due")
     a.add_argument("--max-batch", type=int, default=200, help="at most this many events per message")
     a.add_argument("--warmup", type=float, default=1.0, help="seconds at the start of each fixed-rate stream not recorded")
+    a.add_argument(
+        "--fixed-inflight",
+        type=int,
+        default=1,
+        help="also run phase A with backpressure: a message waits until fewer than this many are "
+        "unacknowledged, and takes every event due meanwhile (figures capped_*); 0 = skip this variant",
+    )
     b = parser.add_argument_group("phase B: sustained throughput (one bidi stream, as fast as it takes messages)")
     b.add_argument("--batch", type=int, default=500, help="events per message")
     b.add_argument("--inflight", type=int, default=4, help="messages sent but not yet acknowledged, at most")
@@ -446,7 +483,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("rate", "duration"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0")
-    for name in ("linger_ms", "warmup"):
+    for name in ("linger_ms", "warmup", "fixed_inflight"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.batch > 5000 or args.max_batch > 5000:
@@ -473,8 +510,12 @@ def _one_run(run: int, args, target: str, app_name: str, echo_name: str, item_id
     # A: fixed rate. Echo and service take turns; the items of event j are drawn up front.
     n_a = int(round(args.rate * (args.warmup + args.duration)))
     items_a = rng.integers(len(item_ids), size=n_a)
-    for who in ("echo", "service"):
-        prefix = f"{tag}-a-{who}"
+    variants = [("echo", None), ("service", None)]
+    if args.fixed_inflight:
+        variants += [("echo_capped", args.fixed_inflight), ("service_capped", args.fixed_inflight)]
+    for key, inflight in variants:
+        who = key.split("_")[0]
+        prefix = f"{tag}-a-{key}"
 
         def make_event(j: int, prefix=prefix):
             return pb.UserEvent(
@@ -484,19 +525,27 @@ def _one_run(run: int, args, target: str, app_name: str, echo_name: str, item_id
                 item_id=item_ids[int(items_a[j])],
             )
 
+        cap = f", <= {inflight} unacknowledged" if inflight else ""
         progress(
-            f"run {run}/{args.runs}: A {who}: {args.rate:g} events/s for {args.warmup:g}+{args.duration:g} s, "
-            f"linger {args.linger_ms:g} ms, <= {args.max_batch} per message"
+            f"run {run}/{args.runs}: A {key}: {args.rate:g} events/s for {args.warmup:g}+{args.duration:g} s, "
+            f"linger {args.linger_ms:g} ms, <= {args.max_batch} per message{cap}"
         )
         with TastemakerClient(target, timeout_s=30, application=application[who]) as client:
             m = fixed_rate_stream(
-                client.stub, make_event, args.rate, args.duration, args.warmup, args.linger_ms / 1000.0, args.max_batch
+                client.stub,
+                make_event,
+                args.rate,
+                args.duration,
+                args.warmup,
+                args.linger_ms / 1000.0,
+                args.max_batch,
+                inflight,
             )
-        result.fixed[who] = m
+        result.fixed[key] = m
         note = f"; stream error {m.error}" if m.error else ""
         note += f"; {m.counts.rejected} rejected (first: {m.counts.first_reject_reason})" if m.counts.rejected else ""
         progress(
-            f"run {run}/{args.runs}: A {who}: ack p50 {_pct(m.ack_from_send_s, 50):.2f} ms, p99 "
+            f"run {run}/{args.runs}: A {key}: ack p50 {_pct(m.ack_from_send_s, 50):.2f} ms, p99 "
             f"{_pct(m.ack_from_send_s, 99):.2f} ms (from due: p99 {_pct(m.ack_from_due_s, 99):.2f} ms), "
             f"{m.events_per_s:.1f} events/s, {m.mean_events_per_message:.1f} events/message{note}"
         )
@@ -509,6 +558,7 @@ def _one_run(run: int, args, target: str, app_name: str, echo_name: str, item_id
 
             def make_message(k: int, prefix=prefix, kind=kind, msg_rng=msg_rng):
                 events = []
+                texts = review_texts(msg_rng, args.batch) if kind == "review" else None
                 for e in range(args.batch):
                     j = k * args.batch + e
                     item = item_ids[int(msg_rng.integers(len(item_ids)))]
@@ -535,7 +585,9 @@ def _one_run(run: int, args, target: str, app_name: str, echo_name: str, item_id
                 f"{args.duration:g} s"
             )
             with TastemakerClient(target, timeout_s=30, application=application[who]) as client:
-                m = max_rate_stream(client.stub, make_message, args.duration, args.inflight)
+                pool_key = "echo" if who == "echo" else f"service_{kind}"
+                prebuilt = max(1, PREBUILT_EVENTS[pool_key] // args.batch)
+                m = max_rate_stream(client.stub, make_message, args.duration, args.inflight, prebuilt, cycle=who == "echo")
             result.throughput[f"{who}_{kind}"] = m
             note = f"; stream error {m.error}" if m.error else ""
             note += f"; {m.counts.rejected} rejected (first: {m.counts.first_reject_reason})" if m.counts.rejected else ""
@@ -672,8 +724,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             "max_events_per_message": args.max_batch,
             "warmup_s": args.warmup,
             "duration_s": args.duration,
+            "inflight_capped_variant": args.fixed_inflight or None,
             "ack_latency": "ack_*: from the message's hand-off to gRPC to its response read by the client; "
-            "ack_incl_linger_*: from the event's due time on the fixed schedule (includes the linger)",
+            "ack_incl_linger_*: from the event's due time on the fixed schedule (includes the linger); "
+            "messages leave on the schedule whatever the acks. capped_*: the same schedule, but a message also "
+            "waits until fewer than inflight_capped_variant messages are unacknowledged and takes every event "
+            "due meanwhile (at most max_events_per_message)",
         },
         "throughput": {
             "events_per_message": args.batch,
@@ -716,8 +772,10 @@ def _median(values) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def _r(x: float, digits: int = 3) -> Optional[float]:
-    """Rounded; NaN (nothing measured) becomes null so the JSON stays valid."""
+def _r(x, digits: int = 3):
+    """Rounded; NaN (nothing measured) becomes null so the JSON stays valid; counts stay integers."""
+    if isinstance(x, (int, np.integer)):
+        return int(x)
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else round(x, digits)
 
@@ -756,7 +814,7 @@ def _figures(results: list[RunResult], num_shards: int) -> list[dict]:
     vis50, vis99 = vis("visible_s", 50), vis("visible_s", 99)
     w50, w99 = vis("write_s", 50), vis("write_s", 99)
     e50, e99 = vis("echo_s", 50), vis("echo_s", 99)
-    service_counts = [r.fixed["service"].counts for r in results] + [
+    service_counts = [m.counts for r in results for k, m in r.fixed.items() if k.startswith("service")] + [
         r.throughput[k].counts for r in results for k in ("service_click", "service_review")
     ]
     rejected = sum(c.rejected for c in service_counts) + sum(r.visible.rejected for r in results)
@@ -783,6 +841,7 @@ def _figures(results: list[RunResult], num_shards: int) -> list[dict]:
             _median(r.fixed["service"].mean_events_per_message for r in results),
             "events/message",
         ),
+        *(_capped_figures(results, fig, ratio) if "service_capped" in results[0].fixed else []),
         # B: sustained throughput, value/baseline (> 1 better).
         fig("events_per_s_no_text", click, "events/s", "echo_events_per_s", echo_click, ratio(click, echo_click)),
         fig("echo_events_per_s", echo_click, "events/s"),
@@ -812,6 +871,49 @@ def _figures(results: list[RunResult], num_shards: int) -> list[dict]:
         fig("rejected_events", rejected, "events"),
         fig("duplicate_events", duplicates, "events"),
         fig("stream_errors", stream_errors, "streams"),
+    ]
+
+
+def _capped_figures(results: list[RunResult], fig, ratio) -> list[dict]:
+    """Phase A with backpressure (`--fixed-inflight`): latencies from the due time, since a message
+    may wait for an ack before it leaves, and that wait is part of what the event experiences."""
+
+    def fixed(who: str, attr: str, q: float) -> float:
+        return _median(_pct(getattr(r.fixed[who], attr), q) for r in results)
+
+    c50, c99 = fixed("service_capped", "ack_from_due_s", 50), fixed("service_capped", "ack_from_due_s", 99)
+    e50, e99 = fixed("echo_capped", "ack_from_due_s", 50), fixed("echo_capped", "ack_from_due_s", 99)
+    rate = _median(r.fixed["service_capped"].events_per_s for r in results)
+    erate = _median(r.fixed["echo_capped"].events_per_s for r in results)
+    return [
+        fig("capped_ack_incl_linger_p50_ms", c50, "ms"),
+        fig("capped_ack_incl_linger_p99_ms", c99, "ms"),
+        fig("echo_capped_ack_incl_linger_p50_ms", e50, "ms"),
+        fig("echo_capped_ack_incl_linger_p99_ms", e99, "ms"),
+        fig(
+            "capped_ack_incl_linger_p99_speedup_vs_echo",
+            c99,
+            "ms",
+            "echo_capped_ack_incl_linger_p99_ms",
+            e99,
+            ratio(e99, c99),
+        ),
+        fig("capped_ack_p99_ms", fixed("service_capped", "ack_from_send_s", 99), "ms"),
+        fig("echo_capped_ack_p99_ms", fixed("echo_capped", "ack_from_send_s", 99), "ms"),
+        fig(
+            "capped_fixed_rate_events_per_s",
+            rate,
+            "events/s",
+            "echo_capped_fixed_rate_events_per_s",
+            erate,
+            ratio(rate, erate),
+        ),
+        fig("echo_capped_fixed_rate_events_per_s", erate, "events/s"),
+        fig(
+            "capped_events_per_message",
+            _median(r.fixed["service_capped"].mean_events_per_message for r in results),
+            "events/message",
+        ),
     ]
 
 
@@ -856,6 +958,30 @@ def _print_table(report: dict) -> None:
         ),
         ("ack p99 ms incl. linger", v("ack_incl_linger_p99_ms"), v("echo_ack_incl_linger_p99_ms"), ""),
         ("achieved events/s (fixed rate)", v("fixed_rate_events_per_s", ".1f"), v("echo_fixed_rate_events_per_s", ".1f"), ""),
+    ]
+    if "capped_ack_incl_linger_p99_ms" in f:
+        n = fr["inflight_capped_variant"]
+        rows += [
+            (
+                f"capped ({n} in flight) ack p50 ms incl. linger",
+                v("capped_ack_incl_linger_p50_ms"),
+                v("echo_capped_ack_incl_linger_p50_ms"),
+                "",
+            ),
+            (
+                f"capped ({n} in flight) ack p99 ms incl. linger",
+                v("capped_ack_incl_linger_p99_ms"),
+                v("echo_capped_ack_incl_linger_p99_ms"),
+                r("capped_ack_incl_linger_p99_speedup_vs_echo"),
+            ),
+            (
+                f"capped ({n} in flight) achieved events/s",
+                v("capped_fixed_rate_events_per_s", ".1f"),
+                v("echo_capped_fixed_rate_events_per_s", ".1f"),
+                "",
+            ),
+        ]
+    rows += [
         ("events/s, no text", v("events_per_s_no_text", ".1f"), v("echo_events_per_s", ".1f"), r("events_per_s_no_text")),
         (
             "events/s, review text",

@@ -13,7 +13,7 @@ from tests.conftest import free_port
 _PORTS: dict[str, int] = {}
 
 
-def make_config(data_dir: Path, **profile_overrides) -> ServiceConfig:
+def make_config(data_dir: Path, retrieval: dict | None = None, **profile_overrides) -> ServiceConfig:
     """A CPU test config on the session's ports: 4 logical CPUs so every replica fits on 2 cores."""
     if not _PORTS:
         _PORTS.update(grpc=free_port(), http=free_port())
@@ -27,6 +27,8 @@ def make_config(data_dir: Path, **profile_overrides) -> ServiceConfig:
     }
     for key, value in profile_overrides.items():
         overrides[("profiles", key)] = value
+    for key, value in (retrieval or {}).items():
+        overrides[("retrieval", key)] = value
     return load_config(overrides=overrides, environ={})
 
 

@@ -27,7 +27,9 @@ def movielens():
 
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory, movielens):
-    running = start(make_config(tmp_path_factory.mktemp("api-data")))
+    # Trending off: MovieLens' "recent" activity is a handful of binge sessions, and the cold-start
+    # test checks the popularity order exactly (trending has its own unit tests).
+    running = start(make_config(tmp_path_factory.mktemp("api-data"), retrieval={"trending_weight": 0.0}))
     load_dataset(running.client, movielens, show_progress=False)
     yield running
     running.stop()
@@ -165,8 +167,9 @@ def test_cold_user_gets_popular_items_not_an_error(service, movielens):
     counts: dict[str, int] = {}
     for r in movielens.ratings:
         counts[r.item_id] = counts.get(r.item_id, 0) + 1
-    top = sorted(counts.values(), reverse=True)[:30]
-    assert all(counts[i.item_id] >= top[-1] for i in reply.items), "cold users get the most popular items"
+    tenth = sorted(counts.values(), reverse=True)[9]
+    # Other tests in this module add a few events of their own, hence a small allowance.
+    assert all(counts[i.item_id] >= tenth - 5 for i in reply.items), "cold users get the most popular items"
     assert all(pb.CANDIDATE_SOURCE_POPULAR in i.sources for i in reply.items)
 
 
@@ -241,3 +244,27 @@ def test_bad_events_are_rejected_individually(service, movielens):
     assert "EVENT_TYPE_RATING" in acks[1].reason
     assert "at most 4096" in acks[2].reason
     assert acks[4].profile_version == 2
+
+
+def test_collaborative_and_sequential_sources_from_the_event_log(service, movielens):
+    client = service.client
+    toy_story = next(i for i in movielens.items if i.title.startswith("Toy Story (1995)"))
+    ack = client.write_events([_rating("seq-user", toy_story.item_id, 5.0, 1)])[0]
+    reply = client.recommend("seq-user", page_size=20, min_profile_version=ack.profile_version)
+    by_source = {
+        source: [i for i in reply.items if source in i.sources]
+        for source in (pb.CANDIDATE_SOURCE_SEQUENTIAL, pb.CANDIDATE_SOURCE_COLLABORATIVE)
+    }
+    assert by_source[pb.CANDIDATE_SOURCE_SEQUENTIAL] and by_source[pb.CANDIDATE_SOURCE_COLLABORATIVE]
+    # Log-based reasons name the user's own history item, never an invented one.
+    log_reasons = [i.reason for i in reply.items if i.reason.startswith("people ")]
+    assert log_reasons and all("Toy Story (1995)" in r and "you rated 5★" in r for r in log_reasons)
+    # What followed Toy Story in the loaded histories is what the transitions propose.
+    followers: dict[str, int] = {}
+    last: dict[str, str] = {}
+    for r in movielens.ratings:
+        if last.get(r.user_id) == toy_story.item_id:
+            followers[r.item_id] = followers.get(r.item_id, 0) + 1
+        last[r.user_id] = r.item_id
+    sequential_ids = {i.item_id for i in by_source[pb.CANDIDATE_SOURCE_SEQUENTIAL]}
+    assert sequential_ids & set(followers), "at least one proposed next item really followed Toy Story"
