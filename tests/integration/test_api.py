@@ -178,7 +178,10 @@ def test_similar_items(service, movielens, genres):
     reply = service.client.similar_items(toy_story.item_id, page_size=10)
     assert len(reply.items) == 10 and toy_story.item_id not in {i.item_id for i in reply.items}
     assert sum("Animation" in genres[i.item_id] for i in reply.items) >= 5
-    assert all(i.reason.startswith("similar to Toy Story") for i in reply.items)
+    assert all(
+        i.reason.startswith("similar to Toy Story (1995)") or i.reason.startswith("people who liked Toy Story (1995)")
+        for i in reply.items
+    )
     code, details = _status(lambda: service.client.similar_items("missing-item"))
     assert code == grpc.StatusCode.NOT_FOUND and "missing-item" in details
 

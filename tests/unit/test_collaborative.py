@@ -168,3 +168,23 @@ def test_ranking_uses_next_item_transitions_with_a_grounded_reason():
     plain.upsert([Item(i.item_id, i.title, vector=retriever.index.vector(i.item_id)) for i in
                   [Item("first"), Item("sequel"), Item("lookalike"), Item("other")]])
     assert plain.recommend(RecommendQuery(page_size=1), profile)[0].item_id == "lookalike"
+
+
+def test_similar_items_blend_text_neighbours_with_items_liked_together():
+    liked = lambda u, i: _ev(u, i, etype=EventType.RATING, value=5.0)  # noqa: E731
+    graph = _graph([e for n in range(4) for e in (liked(f"u{n}", "anchor"), liked(f"u{n}", "partner"))])
+    retriever = Retriever(RetrievalConfig(collaborative_weight=1.0), graph)
+    retriever.upsert([
+        Item("anchor", "Anchor", vector=_unit([1, 0, 0])),
+        Item("twin", "Text Twin", vector=_unit([1, 0.2, 0])),
+        Item("partner", "Liked Together", vector=_unit([0, 1, 0])),
+    ])
+    similar = retriever.similar_items("anchor", RecommendQuery(page_size=2))
+    assert [s.item_id for s in similar] == ["partner", "twin"]
+    assert CandidateSource.COLLABORATIVE in similar[0].sources
+    assert similar[0].reason == "people who liked Anchor also liked this"
+    assert similar[1].reason == "similar to Anchor"
+    # Without the graph it is text similarity alone.
+    text_only = Retriever(RetrievalConfig(), None)
+    text_only.upsert([Item(i, i, vector=retriever.index.vector(i)) for i in ("anchor", "twin", "partner")])
+    assert [s.item_id for s in text_only.similar_items("anchor", RecommendQuery(page_size=2))] == ["twin", "partner"]

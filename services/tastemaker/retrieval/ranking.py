@@ -260,20 +260,41 @@ class Retriever:
 
     # -- item to item ---------------------------------------------------------------------
     def similar_items(self, item_id: str, request: RecommendQuery) -> list[ScoredItem]:
-        """Nearest items to one item by text vector, with the request's filter."""
+        """Items like one item: text neighbours blended with items liked together with it
+        (co-occurrence in the event log), with the request's filter."""
         vector = None if self.index is None else self.index.vector(item_id)
         if vector is None:
             raise NotFound(f"item_id {item_id!r} is not in the catalog")
         allowed = self.catalog.matching_ids(request.filter)
-        hits = self.index.search(vector, request.page_size, allowed, {item_id})
+        pool = max(request.page_size, self.config.candidate_pool // 2)
+        text_hits = dict(self.index.search(vector, pool, allowed, {item_id}))
+        co_row = {}
+        if self.graph is not None and self.config.collaborative_weight:
+            anchor = [HistoryEntry(item_id, EventType.RATING, 0.0, 1.0, 0.0)]
+            co_row = {
+                i: v[0]
+                for i, v in self.graph.cooccurrence_scores(anchor).items()
+                if i != item_id and i in self.catalog.items and (allowed is None or i in allowed)
+            }
+            co_row = dict(heapq.nlargest(pool, co_row.items(), key=lambda kv: (kv[1], kv[0])))
+        ids = list(dict.fromkeys([*text_hits, *co_row]))
+        if not ids:
+            return []
+        text = self.index.vectors(ids) @ vector
+        top_co = max(co_row.values(), default=0.0) or 1.0
+        co = self.config.collaborative_weight * np.array([co_row.get(i, 0.0) / top_co for i in ids])
+        scores = text + co
         title = self.catalog.items[item_id].title
         out = []
-        for other_id, score in hits:
-            shared = self._shared_tags(other_id, item_id)
-            reason = f"similar to {title}" + (f" (both tagged {', '.join(shared)})" if shared else "")
-            out.append(
-                ScoredItem(other_id, self.catalog.items[other_id].title, score, [CandidateSource.SIMILAR_ITEM], reason)
-            )
+        for i in np.argsort(-scores, kind="stable")[: request.page_size]:
+            other_id = ids[i]
+            sources = [CandidateSource.SIMILAR_ITEM] + ([CandidateSource.COLLABORATIVE] if other_id in co_row else [])
+            if co[i] > text[i]:
+                reason = f"people who liked {title} also liked this"
+            else:
+                shared = self._shared_tags(other_id, item_id)
+                reason = f"similar to {title}" + (f" (both tagged {', '.join(shared)})" if shared else "")
+            out.append(ScoredItem(other_id, self.catalog.items[other_id].title, float(scores[i]), sources, reason))
         return out
 
     # -- profile summary ------------------------------------------------------------------
