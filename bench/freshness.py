@@ -787,8 +787,8 @@ def _figures(results: list[RunResult], num_shards: int) -> list[dict]:
         out = {"name": name, "value": _r(value), "unit": unit}
         if baseline is not None:
             out.update(baseline=baseline, baseline_value=_r(baseline_value))
-        if ratio is not None:
-            out["ratio"] = _r(ratio)
+        if ratio is not None:  # 4 significant digits: some ratios are far below 0.001
+            out["ratio"] = None if math.isnan(ratio) else float(f"{ratio:.4g}")
         return out
 
     def ratio(a: float, b: float) -> float:
@@ -929,7 +929,7 @@ def _print_table(report: dict) -> None:
 
     def r(name: str) -> str:
         value = f[name].get("ratio")
-        return "n/a" if value is None else f"{value:.3f}"
+        return "n/a" if value is None else f"{value:.4g}"
 
     def meets(name: str, limit: float, at_least: bool) -> str:
         value = f[name]["value"]

@@ -188,3 +188,25 @@ def test_similar_items_blend_text_neighbours_with_items_liked_together():
     text_only = Retriever(RetrievalConfig(), None)
     text_only.upsert([Item(i, i, vector=retriever.index.vector(i)) for i in ("anchor", "twin", "partner")])
     assert [s.item_id for s in text_only.similar_items("anchor", RecommendQuery(page_size=2))] == ["twin", "partner"]
+
+
+def test_erased_users_leave_no_per_user_state_in_followers_or_loaded_artifacts(tmp_path):
+    store = open_store("sqlite:///" + str(tmp_path / "s.db"))
+    store.append_events(0, [_ev("alice", "a", n=1), _ev("alice", "b", n=2), _ev("bob", "a", n=3)])
+    graph, seq = fit_graph(store, GraphParams(), W)
+    store.save_artifact(GRAPH_ARTIFACT, seq, graph.to_bytes())  # fitted while alice existed
+    follower = GraphFollower(store, GraphParams(), W)
+    follower.start()
+    assert "alice" in follower.graph.consumed_tail
+    store.delete_user("alice")
+    follower.catch_up()
+    assert "alice" not in follower.graph.consumed_tail and "alice" not in follower.graph.liked_tail
+    assert "bob" in follower.graph.consumed_tail
+    # A replica starting later from the old artefact drops her too.
+    late = GraphFollower(store, GraphParams(), W)
+    late.start()
+    assert "alice" not in late.graph.consumed_tail and "bob" in late.graph.consumed_tail
+    # A returning user id starts a fresh tail from new events only.
+    store.append_events(0, [_ev("alice", "c", n=9)])
+    late.catch_up()
+    assert list(late.graph.consumed_tail["alice"]) == ["c"]

@@ -482,3 +482,15 @@ class TestEventFeedAndArtifacts:
         second = opener()
         assert second.load_artifact("model") == (9, b"newer")
         assert second.artifact_version("model") == 9
+
+    def test_delete_user_is_recorded_in_the_erasure_feed_without_the_user_id(self, store):
+        import hashlib
+
+        store.append_events(0, [self._event("someone", "1")])
+        assert store.erasures_after(0) == []
+        store.delete_user("someone")
+        store.delete_user("never-existed")  # erasure requests are recorded even for unknown users
+        feed = store.erasures_after(0)
+        assert [h for _, h in feed] == [hashlib.sha256(u.encode()).hexdigest() for u in ("someone", "never-existed")]
+        assert feed[0][0] < feed[1][0] and store.erasures_after(feed[0][0]) == feed[1:]
+        assert all("someone" not in h for _, h in feed)

@@ -31,6 +31,7 @@ import numpy as np
 from tastemaker.config import EventWeights
 from tastemaker.domain import EventType, HistoryEntry, UserEvent
 from tastemaker.profiles.state import event_weight
+from tastemaker.store.base import user_hash
 
 #: Event types that mean "the user consumed the item" for transitions (skips/dislikes do not).
 _CONSUMED = frozenset(
@@ -111,6 +112,18 @@ class InteractionGraph:
         for event in events:
             self.observe(event)
         return self
+
+    def forget_users(self, user_hashes: Iterable[str]) -> int:
+        """Drop the per-user tails of erased users (named by `store.user_hash`); the anonymous
+        aggregate counts stay until the next fit. Returns how many users were dropped."""
+        wanted = set(user_hashes)
+        if not wanted:
+            return 0
+        doomed = [u for u in set(self.consumed_tail) | set(self.liked_tail) if user_hash(u) in wanted]
+        for user in doomed:
+            self.consumed_tail.pop(user, None)
+            self.liked_tail.pop(user, None)
+        return len(doomed)
 
     def forget_items(self, item_ids: Sequence[str]) -> None:
         """Deleted items stop being proposed (they stay in other rows' totals, which only
@@ -257,6 +270,7 @@ class GraphFollower:
         self.page = page
         self.graph = InteractionGraph(params, weights)
         self.seq = 0
+        self.erasure_seq = 0
         self.artifact_version: Optional[int] = None
 
     def start(self) -> InteractionGraph:
@@ -266,13 +280,21 @@ class GraphFollower:
             version, blob = loaded
             self.graph = InteractionGraph.from_bytes(blob, self.params, self.weights)
             self.seq = self.artifact_version = version
+            self._apply_erasures(self.graph, since=0)  # the artefact may predate erasures
         self.catch_up()
         return self.graph
+
+    def _apply_erasures(self, graph: InteractionGraph, since: int) -> None:
+        erasures = self.store.erasures_after(since)
+        if erasures:
+            graph.forget_users(h for _, h in erasures)
+            self.erasure_seq = max(self.erasure_seq, erasures[-1][0])
 
     def catch_up(self, graph: Optional[InteractionGraph] = None, max_events: Optional[int] = None) -> int:
         """Observe the events after the last one seen (at most about `max_events`, so a
         serving replica never stalls for long on a backlog); returns how many."""
         graph = graph or self.graph
+        self._apply_erasures(graph, since=self.erasure_seq)
         applied = 0
         while max_events is None or applied < max_events:
             batch = self.store.events_after(self.seq, limit=self.page if max_events is None else min(self.page, max_events))
@@ -294,6 +316,7 @@ class GraphFollower:
             return False
         version, blob = loaded
         fresh = InteractionGraph.from_bytes(blob, self.params, self.weights)
+        self._apply_erasures(fresh, since=0)
         follower_seq, self.seq = self.seq, version
         self.catch_up(fresh)
         # Events of erased users vanish from the log; never step back behind what was seen.

@@ -80,7 +80,12 @@ class Store(Protocol):
         """Events of a shard not covered by its users' snapshots, in seq order."""
 
     def delete_user(self, user_id: str) -> int:
-        """Erase a user's events and snapshot; returns the number of events deleted."""
+        """Erase a user's events and snapshot, and record the erasure (as a hash of the user id)
+        in the erasure feed; returns the number of events deleted."""
+
+    def erasures_after(self, after_seq: int) -> list[tuple[int, str]]:
+        """(seq, user_hash) of erasures after `after_seq`, so derived state (collaborative
+        models in other processes) can drop what it kept about erased users."""
 
     # Snapshots ---------------------------------------------------------------------------
     def save_snapshots(self, rows: Iterable[SnapshotRow]) -> None:
@@ -110,6 +115,13 @@ class Store(Protocol):
 
 class ShardFunction(Protocol):
     def __call__(self, user_id: str, num_shards: int) -> int: ...
+
+
+def user_hash(user_id: str) -> str:
+    """How erasure records name a user: a SHA-256, so the record itself keeps no user id."""
+    import hashlib
+
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
 
 
 def open_store(url: str) -> Store:

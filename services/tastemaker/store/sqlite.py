@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from tastemaker.domain import EventType, Item, UserEvent
-from tastemaker.store.base import ItemChange, ShardFunction, SnapshotRow, StoredEvent
+from tastemaker.store.base import ItemChange, ShardFunction, SnapshotRow, StoredEvent, user_hash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_shard ON snapshots(shard);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS erasures (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, version INTEGER NOT NULL, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -339,7 +340,14 @@ class SQLiteStore:
         with self._write() as conn:
             deleted = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
             conn.execute("DELETE FROM snapshots WHERE user_id = ?", (user_id,))
+            conn.execute("INSERT INTO erasures(user_hash) VALUES (?)", (user_hash(user_id),))
         return deleted
+
+    def erasures_after(self, after_seq: int) -> list[tuple[int, str]]:
+        with self._lock:
+            return self._conn.execute(
+                "SELECT seq, user_hash FROM erasures WHERE seq > ? ORDER BY seq", (after_seq,)
+            ).fetchall()
 
     # -- snapshots ------------------------------------------------------------------------
     def save_snapshots(self, rows: Iterable[SnapshotRow]) -> None:
