@@ -43,6 +43,7 @@ def build_app(config: ServiceConfig):
     retrieval = RetrievalDeployment.options(
         num_replicas=ret.num_replicas,
         max_ongoing_requests=ret.max_ongoing_requests,
+        max_queued_requests=config.gateway.internal_max_queued_requests,
         ray_actor_options={"num_cpus": ret.num_cpus},
         logging_config={"enable_access_log": False},
     ).bind(ret, store_url, config.profiles.weights)
@@ -57,6 +58,7 @@ def build_app(config: ServiceConfig):
     return GatewayDeployment.options(
         num_replicas=gw.num_replicas,
         max_ongoing_requests=gw.max_ongoing_requests,
+        max_queued_requests=gw.max_queued_requests,
         ray_actor_options={"num_cpus": gw.num_cpus},
     ).bind(settings, encoder, retrieval)
 

@@ -115,6 +115,12 @@ class GatewayConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(
+        2_000, ge=1, description="Requests queued for the gateway before RESOURCE_EXHAUSTED (fast overload error)."
+    )
+    internal_max_queued_requests: int = Field(
+        2_000, ge=1, description="Calls queued per caller for retrieval/encoder before RESOURCE_EXHAUSTED."
+    )
 
 
 class ServerConfig(_Strict):

@@ -352,6 +352,12 @@ class TestStatusFor:
         assert code == grpc.StatusCode.UNAVAILABLE
         assert type(exc).__name__ in message
 
+    def test_full_serve_queue_is_resource_exhausted(self):
+        from ray.serve.exceptions import BackPressureError
+
+        code, message = status_for(BackPressureError(num_queued_requests=10, max_queued_requests=10))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "overloaded" in message
+
 
 # -- configuration ----------------------------------------------------------------------------------
 
