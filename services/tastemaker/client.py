@@ -106,8 +106,10 @@ class TastemakerClient:
     ) -> Iterator[pb.EventAck]:
         """Stream events, batching them into messages by count and a short linger; yields acks.
 
-        The server reads the next message only after the previous one is durable, so a fast
-        producer is slowed to the service's pace (flow control) rather than buffering forever.
+        The server keeps a bounded window of messages in flight (`gateway.stream_window`) and
+        then stops reading; gRPC flow control then bounds what queues in between, and this
+        client's own queue is bounded too, so a fast producer ends up blocked in `put` rather
+        than buffering without limit. Larger batches per message raise throughput most.
         """
         source: "queue.Queue[Optional[pb.UserEvent]]" = queue.Queue(maxsize=max_batch * 4)
 

@@ -46,7 +46,12 @@ class EncoderConfig(_Strict):
 class RetrievalConfig(_Strict):
     """Candidate retrieval and ranking."""
 
-    index: Literal["flat"] = Field("flat", description="Vector index type (exact inner product).")
+    index: Literal["auto", "flat", "ivf"] = Field(
+        "auto", description="Vector index: flat = exact; ivf = IVF-Flat (approximate); auto = flat up to exact_max_items, ivf above."
+    )
+    exact_max_items: int = Field(50_000, ge=0, description="With index=auto: largest catalog searched exactly.")
+    ivf_nlist: Optional[int] = Field(None, ge=1, description="IVF lists; None = about 2·√items, re-chosen as the catalog grows 4x.")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query (more with selective filters).")
     candidate_pool: int = Field(200, ge=10, description="Candidates taken from each source.")
     profile_weight: float = Field(1.0, description="Weight of cosine(user profile, item).")
     query_weight: float = Field(1.0, description="Weight of cosine(query, item) when a query is given.")
@@ -118,6 +123,7 @@ class GatewayConfig(_Strict):
     max_queued_requests: int = Field(
         2_000, ge=1, description="Requests queued for the gateway before RESOURCE_EXHAUSTED (fast overload error)."
     )
+    stream_window: int = Field(8, ge=1, le=256, description="StreamUserEvents messages in flight per stream.")
     internal_max_queued_requests: int = Field(
         2_000, ge=1, description="Calls queued per caller for retrieval/encoder before RESOURCE_EXHAUSTED."
     )

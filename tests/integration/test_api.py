@@ -271,3 +271,22 @@ def test_collaborative_and_sequential_sources_from_the_event_log(service, moviel
         last[r.user_id] = r.item_id
     sequential_ids = {i.item_id for i in by_source[pb.CANDIDATE_SOURCE_SEQUENTIAL]}
     assert sequential_ids & set(followers), "at least one proposed next item really followed Toy Story"
+
+
+def test_pipelined_stream_keeps_per_user_order_with_slow_text_events(service, movielens):
+    # One event per message, reviews (which wait for the encoder) between clicks: with several
+    # messages in flight, each user's events must still apply in stream order.
+    items = [i.item_id for i in movielens.items[:5]]
+    events = []
+    for n in range(60):
+        user = f"order-{n % 3}"
+        if n % 4 == 1:
+            events.append(pb.UserEvent(event_id=f"o{n}", user_id=user, event_type=pb.EVENT_TYPE_REVIEW,
+                                       item_id=items[n % 5], text=f"Review number {n}: loved the ending."))
+        else:
+            events.append(pb.UserEvent(event_id=f"o{n}", user_id=user, event_type=pb.EVENT_TYPE_CLICK, item_id=items[n % 5]))
+    acks = list(service.client.stream_events(events, max_batch=1, linger_s=0.0))
+    assert [a.event_id for a in acks] == [e.event_id for e in events]
+    for user in ("order-0", "order-1", "order-2"):
+        versions = [a.profile_version for a in acks if a.user_id == user]
+        assert versions == list(range(1, len(versions) + 1)), f"{user} applied out of order: {versions}"

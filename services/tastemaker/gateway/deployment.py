@@ -117,8 +117,26 @@ class GatewayDeployment:
         return pb.GetItemResponse(item=convert.item_to_pb(item))
 
     # -- events ---------------------------------------------------------------------------
-    async def _write_events(self, messages) -> list[EventAck]:
-        """Validate, encode texts, route to shards in parallel; acks in request order."""
+    async def _write_events(
+        self,
+        messages,
+        after: Optional[asyncio.Event] = None,
+        submitted: Optional[asyncio.Event] = None,
+    ) -> list[EventAck]:
+        """Validate, encode texts, route to shards in parallel; acks in request order.
+
+        For pipelined streams: shard calls are submitted only once `after` is set, and
+        `submitted` is set right after this message's shard calls are submitted. Ray runs the
+        calls one caller submits to a (sync) actor in submission order, so events of one user keep
+        their stream order even while several messages are in flight.
+        """
+        try:
+            return await self._write_events_ordered(messages, after, submitted)
+        finally:
+            if submitted is not None:
+                submitted.set()  # never leave later messages waiting, even on failure
+
+    async def _write_events_ordered(self, messages, after, submitted) -> list[EventAck]:
         events, acks = convert.events_from_pb(messages, self.config)
         texts = [(i, e) for i, e in enumerate(events) if e is not None and e.event_type in TEXT_EVENT_TYPES]
         if texts:
@@ -134,12 +152,15 @@ class GatewayDeployment:
         for i, event in enumerate(events):
             if event is not None:
                 by_shard[shard_of(event.user_id, self.settings.profiles.num_shards)].append(i)
-        results = await asyncio.gather(
-            *(
-                self.shards.await_ref(self.shards.actors[shard].apply_events.remote([events[i] for i in positions]))
-                for shard, positions in by_shard.items()
-            )
-        )
+        if after is not None:
+            await after.wait()
+        refs = [
+            self.shards.actors[shard].apply_events.remote([events[i] for i in positions])
+            for shard, positions in by_shard.items()
+        ]
+        if submitted is not None:
+            submitted.set()
+        results = await asyncio.gather(*(self.shards.await_ref(ref) for ref in refs))
         for positions, shard_acks in zip(by_shard.values(), results):
             for i, ack in zip(positions, shard_acks):
                 acks[i] = ack
@@ -153,18 +174,48 @@ class GatewayDeployment:
         return pb.WriteUserEventsResponse(acks=[convert.ack_to_pb(a) for a in acks])
 
     async def StreamUserEvents(self, request_stream, grpc_context=None):
-        """One response per inbound message, with one ack per event. The next message is read
-        only after the previous one is durable, which is the stream's flow control."""
-        async for request in request_stream:
+        """One response per inbound message, in message order, with one ack per event.
+
+        Pipelined: up to `gateway.stream_window` messages are in flight at once (validated,
+        encoded and submitted to the shards in order), so a stream of small messages is not
+        limited to one shard round trip per message. When the window is full the gateway stops
+        pulling messages, and the Serve proxy stops reading from the client: flow control, not
+        unbounded buffering.
+        """
+        in_flight: asyncio.Queue = asyncio.Queue(maxsize=self.config.stream_window)
+
+        async def read() -> None:
+            previous: Optional[asyncio.Event] = None
             try:
-                acks = await self._write_events(request.events)
-            except Exception as exc:  # noqa: BLE001 - a whole-message failure ends the stream with a status
-                code, message = status_for(exc)
-                if grpc_context is not None:
-                    grpc_context.set_code(code)
-                    grpc_context.set_details(message)
-                return
-            yield pb.StreamUserEventsResponse(acks=[convert.ack_to_pb(a) for a in acks])
+                async for request in request_stream:
+                    submitted = asyncio.Event()
+                    task = asyncio.ensure_future(self._write_events(request.events, previous, submitted))
+                    previous = submitted
+                    await in_flight.put(task)
+            except Exception as exc:  # noqa: BLE001 - a broken inbound stream ends the call
+                await in_flight.put(exc)
+            finally:
+                await in_flight.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                task = await in_flight.get()
+                if task is None:
+                    return
+                try:
+                    if isinstance(task, BaseException):
+                        raise task
+                    acks = await task
+                except Exception as exc:  # noqa: BLE001 - a whole-message failure ends the stream with a status
+                    code, message = status_for(exc)
+                    if grpc_context is not None:
+                        grpc_context.set_code(code)
+                        grpc_context.set_details(message)
+                    return
+                yield pb.StreamUserEventsResponse(acks=[convert.ack_to_pb(a) for a in acks])
+        finally:
+            reader.cancel()
 
     # -- recommendations ------------------------------------------------------------------
     async def _profile(self, user_id: str, min_version: int) -> ProfileView:

@@ -1,10 +1,32 @@
-"""Vector indexes. One protocol; `FlatIndex` is exact inner-product search with FAISS."""
+"""Vector indexes: one protocol (`VectorIndex`), an exact index (`FlatIndex`) and, in `ann.py`, an
+approximate one (`IVFIndex`) for large catalogs. `create_index` builds the one the config names.
+
+Both keep every vector once in a contiguous float32 matrix addressed by a *slot* (a row number that
+stays fixed while the id lives; slots of removed ids are reused). The matrix serves `vector(s)`
+without a round trip through FAISS, exact search, and exact re-checks of small filtered subsets;
+the approximate index adds a FAISS structure whose labels are the slots.
+
+Indexes are saved as a folder without pickle: `manifest.json` (kind, dimension, parameters),
+`ids.json` (the id of each slot, null for a free one), `vectors.npy` (the matrix, loaded with
+`allow_pickle=False`) and, for a trained IVF index, `ivf.faiss` (`faiss.write_index`).
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+import json
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
+
+#: Written into every saved index; `load_index` refuses folders without it.
+SAVE_FORMAT = "tastemaker-vector-index"
+SAVE_VERSION = 1
+#: Index kinds `create_index` accepts (`RetrievalConfig.index`).
+INDEX_KINDS = ("auto", "flat", "ivf")
 
 
 class VectorIndex(Protocol):
@@ -13,7 +35,7 @@ class VectorIndex(Protocol):
     dimension: int
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Add or replace vectors."""
+        """Add or replace vectors (`vectors` is (len(ids), dimension); a repeated id: last wins)."""
 
     def remove(self, ids: Sequence[str]) -> None:
         """Remove ids; unknown ids are ignored."""
@@ -27,83 +49,342 @@ class VectorIndex(Protocol):
     def vector(self, item_id: str) -> Optional[np.ndarray]:
         """The stored vector of an id, or None."""
 
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored vectors of known ids as a (len(ids), dimension) matrix; KeyError for an unknown id."""
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the index into the folder `path` (created if needed); see `load_index`."""
+
+    def memory_bytes(self) -> int:
+        """Bytes held by vectors and search structures (not the id maps)."""
+
     def __len__(self) -> int: ...
 
+    def __contains__(self, item_id: object) -> bool: ...
 
-class FlatIndex:
-    """Exact search: FAISS `IndexFlatIP` behind an id map, with filter pushdown via selectors."""
+
+def _as_matrix(vectors: np.ndarray, rows: int, dimension: int) -> np.ndarray:
+    """Vectors as a C-contiguous float32 (rows, dimension) matrix; no copy when they already are."""
+    matrix = np.asarray(vectors)
+    if matrix.ndim == 1 and rows == 1:
+        matrix = matrix.reshape(1, -1)
+    if matrix.ndim != 2 or matrix.shape != (rows, dimension):
+        raise ValueError(
+            f"expected {rows} vectors of dimension {dimension}, got an array of shape {tuple(matrix.shape)}"
+        )
+    return np.ascontiguousarray(matrix, dtype=np.float32)
+
+
+def _as_query(query: np.ndarray, dimension: int) -> np.ndarray:
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    if q.shape[0] != dimension:
+        raise ValueError(f"query has dimension {q.shape[0]}, the index holds vectors of dimension {dimension}")
+    return q
+
+
+class _SlotIndex:
+    """What every index shares: the slot matrix, the id maps, filters, exact search, save/load.
+
+    Subclasses hook `_after_upsert` / `_after_remove` to keep their own structures in step and
+    override `_search_slots`. All public methods hold one lock, so a replica may read from request
+    threads while it applies the change feed."""
+
+    kind = "flat"
 
     def __init__(self, dimension: int):
-        import faiss
+        if dimension <= 0:
+            raise ValueError(f"dimension must be positive, got {dimension}")
+        self.dimension = int(dimension)
+        self._matrix = np.zeros((0, self.dimension), dtype=np.float32)
+        self._ids: list[Optional[str]] = []  # slot -> id; None marks a free slot
+        self._slot_of: dict[str, int] = {}
+        self._free: list[int] = []  # free slots below len(self._ids), reused first
+        self._lock = threading.RLock()
 
-        self._faiss = faiss
-        self.dimension = dimension
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
-        self._label_of: dict[str, int] = {}
-        self._id_of: dict[int, str] = {}
-        self._next_label = 0
-
+    # -- size and lookups ---------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._label_of)
+        return len(self._slot_of)
 
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self._label_of
-
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        if not len(ids):
-            return
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dimension)
-        self.remove([i for i in ids if i in self._label_of])
-        labels = np.arange(self._next_label, self._next_label + len(ids), dtype=np.int64)
-        self._next_label += len(ids)
-        for item_id, label in zip(ids, labels.tolist()):
-            self._label_of[item_id] = label
-            self._id_of[label] = item_id
-        self._index.add_with_ids(vectors, labels)
-
-    def remove(self, ids: Sequence[str]) -> None:
-        labels = [self._label_of.pop(i) for i in ids if i in self._label_of]
-        if labels:
-            for label in labels:
-                del self._id_of[label]
-            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._slot_of
 
     def vector(self, item_id: str) -> Optional[np.ndarray]:
-        label = self._label_of.get(item_id)
-        return None if label is None else self._index.reconstruct(label)
+        with self._lock:
+            slot = self._slot_of.get(item_id)
+            return None if slot is None else self._matrix[slot].copy()
 
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
-        """Stored vectors of known ids, as a (len(ids), d) matrix."""
+        with self._lock:
+            slots = np.fromiter((self._slot_of[i] for i in ids), dtype=np.int64, count=len(ids))
+            return self._matrix[slots]  # fancy indexing copies: callers may keep the result
+
+    def memory_bytes(self) -> int:
+        return int(self._matrix.nbytes)
+
+    # -- changes ------------------------------------------------------------------------------
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        ids = list(ids)
+        matrix = _as_matrix(vectors, len(ids), self.dimension)
         if not ids:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        return np.stack([self._index.reconstruct(self._label_of[i]) for i in ids])
+            return
+        if len(set(ids)) != len(ids):  # last occurrence wins, like applying the changes in order
+            last = {item_id: row for row, item_id in enumerate(ids)}
+            rows = sorted(last.values())
+            ids, matrix = [ids[r] for r in rows], matrix[rows]
+        with self._lock:
+            slots = np.empty(len(ids), dtype=np.int64)
+            replaced = np.zeros(len(ids), dtype=bool)
+            new_rows = []
+            for row, item_id in enumerate(ids):
+                slot = self._slot_of.get(item_id)
+                if slot is None:
+                    new_rows.append(row)
+                else:
+                    slots[row] = slot
+                    replaced[row] = True
+            if new_rows:
+                reuse = min(len(new_rows), len(self._free))
+                fresh = len(new_rows) - reuse
+                start = len(self._ids)
+                taken = [self._free.pop() for _ in range(reuse)] + list(range(start, start + fresh))
+                self._ids.extend([None] * fresh)
+                self._reserve(len(self._ids))
+                for row, slot in zip(new_rows, taken):
+                    slots[row] = slot
+                    self._ids[slot] = ids[row]
+                    self._slot_of[ids[row]] = slot
+            self._matrix[slots] = matrix
+            self._after_upsert(slots, replaced, matrix)
 
-    def search(self, query, k, allowed=None, excluded=None):
-        if k <= 0 or not self._label_of:
-            return []
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dimension)
-        selector = None
-        if allowed is not None:
-            labels = [self._label_of[i] for i in allowed if i in self._label_of and not (excluded and i in excluded)]
-            if not labels:
+    def remove(self, ids: Sequence[str]) -> None:
+        with self._lock:
+            slots = [self._slot_of.pop(i) for i in set(ids) if i in self._slot_of]
+            if not slots:
+                return
+            for slot in slots:
+                self._ids[slot] = None
+                self._matrix[slot] = 0.0
+            self._free.extend(slots)
+            self._after_remove(np.asarray(slots, dtype=np.int64))
+
+    def _reserve(self, rows: int) -> None:
+        """Grow the matrix to at least `rows` rows; 1.5x steps amortise copies without doubling a
+        million-row matrix for one more item."""
+        capacity = self._matrix.shape[0]
+        if rows <= capacity:
+            return
+        grown = np.zeros((max(rows, int(capacity * 1.5) + 16), self.dimension), dtype=np.float32)
+        grown[:capacity] = self._matrix
+        self._matrix = grown
+
+    def _after_upsert(self, slots: np.ndarray, replaced: np.ndarray, vectors: np.ndarray) -> None:
+        """Hook: `vectors` were written into `slots` (`replaced` marks slots that held a vector)."""
+
+    def _after_remove(self, slots: np.ndarray) -> None:
+        """Hook: `slots` were freed."""
+
+    def _live_slots(self) -> np.ndarray:
+        """Slots holding a vector, ascending."""
+        if not self._free:
+            return np.arange(len(self._ids), dtype=np.int64)
+        live = np.ones(len(self._ids), dtype=bool)
+        live[self._free] = False
+        return np.flatnonzero(live).astype(np.int64)
+
+    # -- search -------------------------------------------------------------------------------
+    def search(
+        self, query: np.ndarray, k: int, allowed: Optional[set[str]] = None, excluded: Optional[set[str]] = None
+    ) -> list[tuple[str, float]]:
+        q = _as_query(query, self.dimension)
+        with self._lock:
+            if k <= 0 or not self._slot_of:
                 return []
-            selector = self._faiss.IDSelectorBatch(np.asarray(labels, dtype=np.int64))
-            k = min(k, len(labels))
-        elif excluded:
-            labels = [self._label_of[i] for i in excluded if i in self._label_of]
-            if labels:
-                selector = self._faiss.IDSelectorNot(self._faiss.IDSelectorBatch(np.asarray(labels, dtype=np.int64)))
-            k = min(k, len(self._label_of) - len(labels))
-        k = min(k, len(self._label_of))
-        if k <= 0:
-            return []
-        params = self._faiss.SearchParameters(sel=selector) if selector is not None else None
-        scores, labels = self._index.search(query, k, params=params)
-        return [(self._id_of[int(l)], float(s)) for s, l in zip(scores[0], labels[0]) if l >= 0]
+            slot_of = self._slot_of
+            excluded_slots = (
+                np.fromiter((slot_of[i] for i in excluded if i in slot_of), dtype=np.int64)
+                if excluded
+                else np.zeros(0, dtype=np.int64)
+            )
+            allowed_slots = None
+            if allowed is not None:
+                if excluded:
+                    allowed_slots = [slot_of[i] for i in allowed if i in slot_of and i not in excluded]
+                else:
+                    allowed_slots = [slot_of[i] for i in allowed if i in slot_of]
+                if not allowed_slots:
+                    return []
+                # Sorted, so that ties fall to the lower slot whatever the set's iteration order.
+                allowed_slots = np.sort(np.asarray(allowed_slots, dtype=np.int64))
+                qualifying = len(allowed_slots)
+            else:
+                qualifying = len(slot_of) - len(excluded_slots)
+            k = min(k, qualifying)
+            if k <= 0:
+                return []
+            slots, scores = self._search_slots(q, k, allowed_slots, excluded_slots)
+            ids = self._ids
+            return [(ids[s], float(v)) for s, v in zip(slots.tolist(), scores.tolist())]
+
+    def _search_slots(
+        self, q: np.ndarray, k: int, allowed_slots: Optional[np.ndarray], excluded_slots: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best k slots and scores; k ≤ the number of qualifying slots (the caller made sure)."""
+        return self._exact_slots(q, k, allowed_slots, excluded_slots)
+
+    #: Rows per block when scoring a gathered subset: keeps the temporary copy in cache.
+    _GATHER_BLOCK = 8192
+
+    def _exact_slots(
+        self, q: np.ndarray, k: int, allowed_slots: Optional[np.ndarray], excluded_slots: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the matrix: every qualifying vector is scored."""
+        high = len(self._ids)
+        if allowed_slots is not None and len(allowed_slots) * 4 < high:
+            # A small subset: gather its rows (block by block) rather than scoring the whole matrix.
+            candidates = allowed_slots
+            scores = np.empty(len(candidates), dtype=np.float32)
+            for start in range(0, len(candidates), self._GATHER_BLOCK):
+                block = candidates[start : start + self._GATHER_BLOCK]
+                scores[start : start + len(block)] = self._matrix[block] @ q
+        else:
+            candidates = None
+            scores = self._matrix[:high] @ q
+            if allowed_slots is not None:
+                keep = np.zeros(high, dtype=bool)
+                keep[allowed_slots] = True
+                scores[~keep] = -np.inf
+            else:
+                if self._free:
+                    scores[self._free] = -np.inf
+                if len(excluded_slots):
+                    scores[excluded_slots] = -np.inf
+        if k < len(scores):
+            top = np.argpartition(-scores, k - 1)[:k]
+        else:
+            top = np.arange(len(scores))
+        # Best first; equal scores in slot order, so results do not depend on partition order.
+        top = top[np.lexsort((top, -scores[top]))]
+        slots = top if candidates is None else candidates[top]
+        return slots.astype(np.int64), scores[top]
+
+    # -- persistence --------------------------------------------------------------------------
+    def _params(self) -> dict[str, Any]:
+        return {}
+
+    def save(self, path: Union[str, Path]) -> None:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            manifest = folder / "manifest.json"
+            if manifest.exists():  # a half-written save must never look complete
+                manifest.unlink()
+            high = len(self._ids)
+            with open(folder / "vectors.npy", "wb") as f:
+                np.save(f, self._matrix[:high], allow_pickle=False)
+            (folder / "ids.json").write_text(json.dumps(self._ids))
+            self._save_extra(folder)
+            body = {
+                "format": SAVE_FORMAT,
+                "version": SAVE_VERSION,
+                "kind": self.kind,
+                "dimension": self.dimension,
+                "count": len(self),
+                "params": self._params(),
+            }
+            tmp = folder / "manifest.json.tmp"
+            tmp.write_text(json.dumps(body, indent=2))
+            os.replace(tmp, manifest)
+
+    def _save_extra(self, folder: Path) -> None:
+        """Hook: write subclass structures next to the matrix."""
+
+    def _restore(self, folder: Path, manifest: dict[str, Any]) -> None:
+        matrix = np.load(folder / "vectors.npy", allow_pickle=False)
+        ids = json.loads((folder / "ids.json").read_text())
+        if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape != (len(ids), self.dimension):
+            raise ValueError(f"{folder}: vectors.npy {matrix.shape} {matrix.dtype} does not match ids.json / dimension")
+        self._matrix = np.ascontiguousarray(matrix)
+        self._ids = ids
+        self._slot_of = {item_id: slot for slot, item_id in enumerate(ids) if item_id is not None}
+        self._free = [slot for slot, item_id in enumerate(ids) if item_id is None]
+        if len(self._slot_of) != manifest["count"] or len(self._slot_of) + len(self._free) != len(ids):
+            raise ValueError(f"{folder}: ids.json holds duplicate ids or disagrees with the manifest count")
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "_SlotIndex":
+        """Read an index saved by `save`; the folder must hold an index of this class's kind."""
+        index = load_index(path)
+        if not isinstance(index, cls):
+            raise ValueError(f"{path} holds a {index.kind!r} index, not {cls.kind!r}")
+        return index
 
 
-def create_index(kind: str, dimension: int) -> VectorIndex:
-    """Build the index named in `RetrievalConfig.index`."""
+class FlatIndex(_SlotIndex):
+    """Exact inner-product search over the slot matrix (BLAS matrix-vector product + partial sort).
+
+    Filters are pushed into the scoring: a small `allowed` set is scored alone, otherwise
+    non-qualifying rows are masked, so `k` results come back whenever `k` ids qualify."""
+
+    kind = "flat"
+
+    def __init__(self, dimension: int):
+        super().__init__(dimension)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no saved index (no manifest.json)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != SAVE_FORMAT or manifest.get("version") != SAVE_VERSION:
+        raise ValueError(f"{path} is not a {SAVE_FORMAT} v{SAVE_VERSION} manifest")
+    return manifest
+
+
+def load_index(path: Union[str, Path]) -> VectorIndex:
+    """Open an index saved by `save` (any kind), with the parameters it was saved with."""
+    folder = Path(path)
+    manifest = _read_manifest(folder)
+    kind, dimension, params = manifest["kind"], int(manifest["dimension"]), manifest.get("params", {})
+    if kind == "flat":
+        index: _SlotIndex = FlatIndex(dimension)
+    elif kind == "ivf":
+        from tastemaker.retrieval.ann import IVFIndex
+
+        index = IVFIndex(dimension, **params)
+    else:
+        raise ValueError(f"{folder}: unknown index kind {kind!r}")
+    index._restore(folder, manifest)
+    return index
+
+
+def create_index(config_or_kind: Any, dimension: int) -> VectorIndex:
+    """Build the index a `RetrievalConfig` (or just its `index` kind, with default parameters) names.
+
+    `flat`: exact. `ivf`: IVF-Flat, approximate (exact until there are enough vectors to train).
+    `auto`: exact up to `exact_max_items`, IVF above, switching as the catalog grows or shrinks."""
+    if isinstance(config_or_kind, str):
+        kind, config = config_or_kind, None
+    else:
+        kind, config = config_or_kind.index, config_or_kind
     if kind == "flat":
         return FlatIndex(dimension)
-    raise ValueError(f"unknown index type {kind!r}; allowed: 'flat'")
+    if kind in ("ivf", "auto"):
+        from tastemaker.retrieval.ann import IVFIndex
+
+        params: dict[str, Any] = {}
+        if config is not None:
+            params = {
+                "nlist": config.ivf_nlist,
+                "nprobe": config.ivf_nprobe,
+                "exact_max_items": config.exact_max_items,
+            }
+        if kind == "ivf":
+            params["exact_max_items"] = 0
+        return IVFIndex(dimension, **params)
+    raise ValueError(f"unknown index type {kind!r}; allowed: {', '.join(repr(k) for k in INDEX_KINDS)}")
+
+
+def create_index_from_config(config: Any, dimension: int) -> VectorIndex:
+    """`create_index` with a whole `RetrievalConfig` (all index parameters honoured)."""
+    return create_index(config, dimension)

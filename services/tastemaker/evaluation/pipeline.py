@@ -1,0 +1,258 @@
+"""Tastemaker's own code path under evaluation: the profile math the shards run and the ranking
+the retrieval replicas run, fed a training segment instead of a live event stream.
+
+For one segment:
+1. every training event becomes the `UserEvent` the gateway would have produced (a MovieLens
+   rating is a rating event with its stars and time) and is folded into that user's
+   `ProfileState` with `ProfileState.apply`, in log order, with the item's vector from the bundled
+   encoder over `Item.text()` — exactly what a profile shard does;
+2. `InteractionGraph` is fitted on the same events in log order — what `tastemaker fit` does;
+3. a `Retriever` holds the catalog (items with their vectors, popularity = training events per
+   item, as the retrieval replica counts it) and the graph, and each user's recommendations come
+   from `Retriever.recommend(RecommendQuery(page_size=k), profile_view)`, which excludes the
+   user's seen items by default.
+
+Item and user ids handed to the service code are aliases derived from the internal (seeded)
+indices, so any id-ordered tie-break inside the service is a seeded order too.
+
+The text-only zero-shot baseline is the same path with no graph and every weight but the
+profile's at zero: the decayed mean of the user's item vectors, ranked by cosine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from tastemaker.config import ProfileConfig, RetrievalConfig
+from tastemaker.domain import EventType, Item, ProfileView, RecommendQuery, UserEvent
+from tastemaker.evaluation.baselines import Fitted, Method, TrainData
+from tastemaker.evaluation.data import Interactions
+from tastemaker.profiles.state import ProfileState
+from tastemaker.retrieval.collaborative import InteractionGraph, graph_params
+from tastemaker.retrieval.ranking import Retriever
+
+#: The RetrievalConfig fields tuned on validation (the hybrid score's blend weights and the
+#: scoring-time shape of the transition signal). Graph-shape fields would need a refit.
+TUNED_FIELDS = (
+    "profile_weight",
+    "sequential_weight",
+    "collaborative_weight",
+    "popularity_weight",
+    "negative_weight",
+    "trending_weight",
+    "sequential_history",
+    "sequential_decay",
+)
+
+#: Values tried per field by the coordinate search (plus the starting value).
+SEARCH_SPACE: dict[str, list[float]] = {
+    "profile_weight": [0.0, 0.25, 0.5, 1.0, 2.0],
+    "sequential_weight": [0.0, 0.3, 0.6, 1.0, 2.0, 4.0],
+    "collaborative_weight": [0.0, 0.2, 0.4, 1.0, 2.0],
+    "popularity_weight": [0.0, 0.05, 0.15, 0.3, 0.6],
+    "negative_weight": [0.0, 0.25, 0.5, 1.0],
+    "trending_weight": [0.0, 0.05, 0.2, 0.5],
+    "sequential_history": [1, 3, 5, 10],
+    "sequential_decay": [0.3, 0.5, 0.7, 0.9],
+}
+QUICK_SEARCH_SPACE: dict[str, list[float]] = {
+    "profile_weight": [0.5, 1.0],
+    "sequential_weight": [0.0, 0.6, 2.0],
+    "collaborative_weight": [0.0, 0.4],
+    "popularity_weight": [0.0, 0.15],
+}
+
+#: Zero-shot text model: the profile part of the hybrid score and nothing else.
+TEXT_ONLY_WEIGHTS = dict(
+    profile_weight=1.0,
+    sequential_weight=0.0,
+    collaborative_weight=0.0,
+    popularity_weight=0.0,
+    negative_weight=0.0,
+    trending_weight=0.0,
+)
+
+
+def item_alias(index: int) -> str:
+    """Opaque item id given to the service code: sorts like the seeded internal order."""
+    return f"i{index:07d}"
+
+
+def user_alias(index: int) -> str:
+    return f"u{index:07d}"
+
+
+class ServiceEvents:
+    """The data set as service domain objects, built once per run and shared by all segments."""
+
+    def __init__(self, data: Interactions, vectors: np.ndarray):
+        self.data = data
+        self.vectors = vectors
+        self.items = [
+            Item(
+                item_id=item_alias(i),
+                title=item.title,
+                description=item.description,
+                tags=list(item.tags),
+                attributes=dict(item.attributes),
+                vector=vectors[i],
+            )
+            for i, item in enumerate(data.items)
+        ]
+        self.events = [
+            UserEvent(
+                event_id=f"e{e}",
+                user_id=user_alias(int(u)),
+                event_type=EventType(int(t)),
+                item_id=item_alias(int(i)),
+                value=0.0 if np.isnan(r) else float(r),
+                event_time=float(tm),
+            )
+            for e, (u, i, tm, r, t) in enumerate(zip(data.user, data.item, data.time, data.rating, data.event_type))
+        ]
+        self.alias_to_index = {item.item_id: i for i, item in enumerate(self.items)}
+
+
+class _FrozenGraph(InteractionGraph):
+    """EVALUATION-ONLY SPEED-UP, same results: `InteractionGraph.trend_score` recomputes the top
+    trending count on every call (O(items) per ranked candidate). A graph fitted for one segment
+    never changes afterwards, so the top count is computed once. Proposed upstream as a cached
+    maximum updated in `_count_trend` (see the evaluation README)."""
+
+    def freeze(self) -> "_FrozenGraph":
+        self._top_trend = max(self.trend.values(), default=0.0)
+        return self
+
+    def trend_score(self, item_id: str) -> float:
+        top = getattr(self, "_top_trend", None)
+        if top is None:
+            return super().trend_score(item_id)
+        return self.trend.get(item_id, 0.0) / top if top > 0 else 0.0
+
+
+class FittedPipeline(Fitted):
+    """Profiles, graph and retriever of one training segment."""
+
+    def __init__(self, service: ServiceEvents, retriever: Retriever, profiles: dict[int, ProfileView]):
+        self.service = service
+        self.retriever = retriever
+        self.profiles = profiles
+
+    def set_retrieval(self, config: RetrievalConfig) -> None:
+        """Swap the scoring config (blend weights); the fitted graph and profiles stay."""
+        self.retriever.config = config
+
+    def recommend(self, users, k, progress=None):
+        out = np.full((len(users), k), -1, dtype=np.int64)
+        lookup = self.service.alias_to_index
+        for row, user in enumerate(users):
+            user = int(user)
+            view = self.profiles.get(user) or ProfileView(user_id=user_alias(user))
+            ranked = self.retriever.recommend(RecommendQuery(user_id=view.user_id, page_size=k), view)
+            indices = [lookup[s.item_id] for s in ranked]
+            out[row, : len(indices)] = indices
+            if progress and (row + 1) % 32 == 0:
+                progress(32)
+        if progress and len(users) % 32:
+            progress(len(users) % 32)
+        return out
+
+
+class TastemakerPipeline(Method):
+    """The service's profile + graph + ranking code with a given (or tuned) `RetrievalConfig`."""
+
+    kind = "tastemaker"
+
+    def __init__(
+        self,
+        service: ServiceEvents,
+        retrieval: RetrievalConfig,
+        profiles: ProfileConfig,
+        name: str = "tastemaker",
+        use_graph: bool = True,
+        description: str = "Tastemaker's full pipeline (service code path), blend weights tuned on validation",
+    ):
+        self.service = service
+        self.retrieval = retrieval
+        self.profile_config = profiles
+        self.name = name
+        self.use_graph = use_graph
+        self.description = description
+
+    def fit(self, train: TrainData, params: dict[str, Any]) -> FittedPipeline:
+        config = self.retrieval.model_copy(update=params) if params else self.retrieval
+        events = self.service.events
+        vectors = self.service.vectors
+        states: dict[int, ProfileState] = {}
+        data = self.service.data
+        for e in train.events:
+            user = int(data.user[e])
+            state = states.get(user)
+            if state is None:
+                state = states[user] = ProfileState(user_id=user_alias(user))
+            state.apply(events[e], vectors[int(data.item[e])], int(e), self.profile_config)
+        graph: Optional[InteractionGraph] = None
+        if self.use_graph:
+            graph = _FrozenGraph(graph_params(config), self.profile_config.weights)
+            graph.fit(events[e] for e in train.events)
+            graph.freeze()
+        retriever = Retriever(config, graph)
+        retriever.upsert(self.service.items)
+        counts = train.popularity
+        retriever.catalog.set_popularity(
+            {self.service.items[i].item_id: int(c) for i, c in enumerate(counts) if c > 0}
+        )
+        return FittedPipeline(self.service, retriever, {u: s.view() for u, s in states.items()})
+
+
+def text_only(service: ServiceEvents, base: RetrievalConfig, profiles: ProfileConfig) -> TastemakerPipeline:
+    """The zero-shot text model: profile = decayed mean of item vectors; cosine ranking."""
+    return TastemakerPipeline(
+        service,
+        base.model_copy(update=TEXT_ONLY_WEIGHTS),
+        profiles,
+        name="text_zero_shot",
+        use_graph=False,
+        description="text only, zero-shot: profile = decayed mean of item vectors (ProfileState), cosine ranking",
+    )
+
+
+def coordinate_search(
+    evaluate: Callable[[dict[str, Any]], float],
+    start: dict[str, Any],
+    space: dict[str, list[Any]],
+    rounds: int = 2,
+    on_trial: Optional[Callable[[dict[str, Any], float], None]] = None,
+) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
+    """Maximise `evaluate` one field at a time over `space`, starting from `start`, for up to
+    `rounds` passes (stopping early when a pass changes nothing). Ties keep the current value,
+    so the search never wanders on noise. Returns (best params, best value, trials)."""
+    seen: dict[tuple, float] = {}
+    trials: list[dict[str, Any]] = []
+
+    def score(params: dict[str, Any]) -> float:
+        key = tuple(sorted(params.items()))
+        if key not in seen:
+            seen[key] = evaluate(params)
+            trials.append({"params": dict(params), "value": seen[key]})
+            if on_trial:
+                on_trial(params, seen[key])
+        return seen[key]
+
+    best = dict(start)
+    best_value = score(best)
+    for _ in range(rounds):
+        changed = False
+        for name, values in space.items():
+            for value in values:
+                if value == best.get(name):
+                    continue
+                candidate = dict(best, **{name: value})
+                value_score = score(candidate)
+                if value_score > best_value + 1e-12:
+                    best, best_value, changed = candidate, value_score, True
+        if not changed:
+            break
+    return best, best_value, trials
