@@ -6,7 +6,12 @@ from __future__ import annotations
 import importlib
 
 #: benchmark name -> module under this package with a `main(argv) -> int`.
-BENCHMARKS = {"e2e": "tastemaker_bench.e2e", "freshness": "tastemaker_bench.freshness"}
+BENCHMARKS = {
+    "e2e": "tastemaker_bench.e2e",
+    "encoder": "tastemaker_bench.encoder",
+    "freshness": "tastemaker_bench.freshness",
+    "retrieval": "tastemaker_bench.retrieval",
+}
 
 
 def run_benchmark(name: str, argv: list[str]) -> int:

@@ -32,12 +32,17 @@ def build_app(config: ServiceConfig):
 
     store_url = config.store_url()
     enc = config.encoder
+    from tastemaker.encoder.base import require_backend_package
+    from tastemaker.encoder.deployment import deployment_options
+
+    require_backend_package(enc.backend)  # e.g. a vllm config without vLLM fails here, before deploying
+    if enc.backend == "onnx" and enc.onnx_cache_dir is None:
+        from pathlib import Path
+
+        # Exports live with the service's data, so a restart reuses them instead of exporting again.
+        enc = enc.model_copy(update={"onnx_cache_dir": str(Path(config.data_dir).expanduser().resolve() / "encoder-cache")})
     encoder = EncoderDeployment.options(
-        num_replicas=enc.num_replicas,
-        max_ongoing_requests=enc.max_ongoing_requests,
-        ray_actor_options={"num_cpus": enc.num_cpus, "num_gpus": enc.num_gpus},
-        user_config={"max_batch_size": enc.max_batch_size, "batch_wait_timeout_s": enc.batch_wait_timeout_s},
-        logging_config={"enable_access_log": False},
+        **deployment_options(enc, max_queued_requests=config.gateway.internal_max_queued_requests)
     ).bind(enc)
     ret = config.retrieval
     retrieval = RetrievalDeployment.options(

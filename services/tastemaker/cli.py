@@ -197,6 +197,50 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Offline evaluation against the classic baselines; writes report.json, report.md and plots."""
+    from tastemaker.config import load_config
+    from tastemaker.evaluation import EvalConfig, run_evaluation
+    from tastemaker.evaluation.report import method_table
+
+    def floats(text: Optional[str], default):
+        return tuple(float(v) for v in text.split(",") if v.strip()) if text else default
+
+    def names(text: Optional[str]):
+        return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
+
+    defaults = EvalConfig()
+    config = EvalConfig(
+        dataset=args.dataset,
+        out_dir=args.out,
+        items_path=args.items,
+        protocols=names(args.protocols) or defaults.protocols,
+        methods=names(args.methods),
+        seed=args.seed,
+        max_items=args.max_items,
+        max_users=args.max_users,
+        quick=args.quick,
+        cold_fraction=args.cold_fraction,
+        test_quantiles=floats(args.cutoffs, defaults.test_quantiles),
+        validation_quantiles=floats(args.validation_cutoffs, defaults.validation_quantiles),
+        tuning_rounds=args.tuning_rounds,
+        tuning_users=args.tuning_users or None,
+        show_progress=not args.quiet,
+        service=load_config(args.config),
+    )
+    try:
+        report = run_evaluation(config)
+    except ValueError as exc:  # bad protocol options: say so like any other bad argument
+        raise TastemakerError(str(exc)) from exc
+    for name, protocol in report["protocols"].items():
+        print(f"\n{name} (test targets: {protocol['test']['targets']}, cold slice: {protocol['cold_slice_users']})")
+        print("\n".join(method_table(protocol)))
+    for name, goal in report.get("goals", {}).items():
+        print(f"goal {name}: {goal['criterion']}: {'met' if goal['met'] else 'NOT met'}")
+    print(f"\nreport: {Path(args.out) / 'report.md'} (and report.json, plots, per-user CSVs)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tastemaker_bench import run_benchmark
 
@@ -258,6 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", help="YAML config file")
     fit.add_argument("--data-dir", help="state directory (default ~/.tastemaker)")
     fit.set_defaults(func=cmd_fit)
+
+    ev = sub.add_parser("eval", help="offline evaluation against classic baselines (report + plots)")
+    ev.add_argument(
+        "--dataset", default="movielens",
+        help="'movielens' (the vendored copy), a MovieLens folder, or a .csv/.parquet interactions file "
+        "with columns user_id,item_id,timestamp[,rating,event_type]",
+    )
+    ev.add_argument("--items", help="with an interactions file: items file (.csv/.parquet/.jsonl) with item_id,title[,description,tags]")
+    ev.add_argument("--out", default="eval-out", help="output folder (report.json, report.md, plots, vector cache)")
+    ev.add_argument("--protocols", help="comma-separated subset of leave_last_out,time_cutoff,cold_items (default all)")
+    ev.add_argument("--methods", help="comma-separated subset of the methods (default all; see the evaluation README)")
+    ev.add_argument("--config", help="service YAML: encoder model, profile settings, starting retrieval weights")
+    ev.add_argument("--seed", type=int, default=0, help="seed of every random choice (ties, hidden items, ALS)")
+    ev.add_argument("--max-items", type=int, help="keep only the N most-interacted items")
+    ev.add_argument("--max-users", type=int, help="keep only the N most active users on those items")
+    ev.add_argument("--quick", action="store_true", help="small tuning grids (CI smoke runs)")
+    ev.add_argument("--cold-fraction", type=float, default=0.1, help="share of items hidden by cold_items")
+    ev.add_argument("--cutoffs", help="time_cutoff test moments as event-time quantiles (default 0.7,0.75,0.8,0.85,0.9)")
+    ev.add_argument("--validation-cutoffs", help="time_cutoff validation moments (default 0.5,0.55,0.6,0.65)")
+    ev.add_argument("--tuning-rounds", type=int, default=1, help="coordinate-search passes over Tastemaker's weights")
+    ev.add_argument("--tuning-users", type=int, default=300, help="validation users per Tastemaker trial (0 = all)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
     bench.add_argument("benchmark", help="e.g. e2e")

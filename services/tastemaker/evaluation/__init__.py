@@ -3,14 +3,11 @@
 `tastemaker eval --dataset movielens --out DIR` runs `run_evaluation`: it loads interactions and
 item text (`data`), splits them by time under three protocols (`protocols`), fits every method
 (`baselines` and `pipeline`, the latter being the service's own profile and ranking code), tunes
-each on validation only (`tuning`), ranks the whole catalog for every test user, scores the
-rankings (`metrics`) and writes report.json, report.md and plots (`report`). See README.md in
-this folder for the method and the latest numbers.
+each on validation only, ranks the whole catalog for every test user, scores the rankings
+(`metrics`) and writes report.json, report.md and plots (`report`). See README.md in this folder
+for the method and the latest numbers.
 """
 
-try:
-    from tastemaker.evaluation.runner import EvalConfig, run_evaluation
-except ImportError:  # TEMP
-    pass
+from tastemaker.evaluation.runner import EvalConfig, run_evaluation
 
 __all__ = ["EvalConfig", "run_evaluation"]

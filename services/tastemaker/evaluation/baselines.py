@@ -57,9 +57,13 @@ class TrainData:
         return row.indices[row.indptr[user] : row.indptr[user + 1]]
 
 
-def top_k(scores: np.ndarray, k: int, exclude: np.ndarray, secondary: Optional[np.ndarray] = None) -> np.ndarray:
-    """Indices of the k best items, excluding `exclude`; ties by `secondary` (higher first) if
-    given, then by lower index (the seeded item order). Padded with -1 when too few qualify."""
+def top_k(scores: np.ndarray, k: int, exclude: np.ndarray, tie_rank: Optional[np.ndarray] = None) -> np.ndarray:
+    """Indices of the k best items, excluding `exclude`, padded with -1 when too few qualify.
+
+    Equal scores are ordered by `tie_rank` (lower first), by default the item index itself (the
+    seeded item order). Only the items at or above the k-th best score are sorted, and of those
+    tied exactly at it only the ones with the best tie ranks, so a flat tail of equal scores (a
+    model with no signal for most items) costs O(items), not a full sort."""
     n = scores.shape[0]
     out = np.full(k, -1, dtype=np.int64)
     s = scores.astype(np.float64, copy=True)
@@ -68,15 +72,25 @@ def top_k(scores: np.ndarray, k: int, exclude: np.ndarray, secondary: Optional[n
     kk = min(k, valid)
     if kk <= 0:
         return out
+    rank = np.arange(n) if tie_rank is None else tie_rank
     threshold = np.partition(s, n - kk)[n - kk]
-    candidates = np.nonzero(s >= threshold)[0]
-    keys: list[np.ndarray] = [candidates]
-    if secondary is not None:
-        keys.append(-secondary[candidates].astype(np.float64))
-    keys.append(-s[candidates])
-    chosen = candidates[np.lexsort(keys)][:kk]
+    above = np.nonzero(s > threshold)[0]
+    tied = np.nonzero(s == threshold)[0]
+    need = kk - above.shape[0]
+    if tied.shape[0] > need:
+        tied = tied[np.argpartition(rank[tied], need - 1)[:need]]
+    candidates = np.concatenate([above, tied])
+    chosen = candidates[np.lexsort((rank[candidates], -s[candidates]))][:kk]
     out[:kk] = chosen
     return out
+
+
+def backoff_rank(popularity: np.ndarray) -> np.ndarray:
+    """Tie ranks for a popularity backoff: more training events first, then the seeded order."""
+    order = np.lexsort((np.arange(popularity.shape[0]), -popularity))
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    return rank
 
 
 class Method:
@@ -116,12 +130,12 @@ class ScoreModel(Fitted):
     def recommend(self, users, k, progress=None):
         users = np.asarray(users, dtype=np.int64)
         out = np.full((len(users), k), -1, dtype=np.int64)
-        secondary = self.train.popularity if self.backoff else None
+        tie_rank = backoff_rank(self.train.popularity) if self.backoff else None
         for start in range(0, len(users), self.batch):
             chunk = users[start : start + self.batch]
             scores = self.score_fn(chunk)
             for row, user in enumerate(chunk):
-                out[start + row] = top_k(scores[row], k, self.train.seen(int(user)), secondary)
+                out[start + row] = top_k(scores[row], k, self.train.seen(int(user)), tie_rank)
             if progress:
                 progress(len(chunk))
         return out
@@ -228,15 +242,16 @@ class ALS(Method):
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        model = AlternatingLeastSquares(
-            factors=int(params.get("factors", 64)),
-            regularization=float(params.get("regularization", 0.1)),
-            alpha=float(params.get("alpha", 1.0)),
-            iterations=self.iterations,
-            random_state=self.seed,
-        )
-        # implicit runs its own threads; BLAS threads on top of them only oversubscribe the cores.
+        # implicit runs its own threads; BLAS threads on top of them only oversubscribe the cores
+        # (implicit checks this when the model is built, so the limit covers construction too).
         with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=int(params.get("factors", 64)),
+                regularization=float(params.get("regularization", 0.1)),
+                alpha=float(params.get("alpha", 1.0)),
+                iterations=self.iterations,
+                random_state=self.seed,
+            )
             model.fit(train.user_items.astype(np.float32).tocsr(), show_progress=False)
         user_factors = np.asarray(model.user_factors)
         item_factors = np.asarray(model.item_factors)
@@ -254,7 +269,7 @@ class Transitions(Method):
     def grid(self, quick):
         if quick:
             return _grid(window=[1, 3], history=[3], decay=[0.7], normalise=[False])
-        return _grid(window=[1, 2, 3, 5], history=[1, 3, 5, 10], decay=[0.5, 0.8], normalise=[False, True])
+        return _grid(window=[1, 3, 5], history=[1, 3, 5, 10], decay=[0.8], normalise=[False, True])
 
     def _transitions(self, train: TrainData, window: int) -> sp.csr_matrix:
         key = f"transitions-{window}"

@@ -76,7 +76,9 @@ class Interactions:
 
 
 @dataclass
-class _Row:
+class InteractionRow:
+    """One interaction as read from a file, before indexing."""
+
     user_id: str
     item_id: str
     time: float
@@ -122,7 +124,7 @@ def load_interactions(
     dropped = len(rows) - len(kept)
     if not kept:
         raise InvalidArgument(f"{path}: none of its {len(rows)} interactions names an item of {items_path}")
-    data = _build(path.stem, items, kept, seed)
+    data = build_interactions(path.stem, items, kept, seed)
     data.stats["dropped_unknown_item_events"] = dropped
     if max_items or max_users:
         data = subsample_interactions(data, max_items=max_items, max_users=max_users, seed=seed)
@@ -135,13 +137,13 @@ def _from_movielens(folder: Optional[Path], seed: int, max_items: Optional[int],
     ml = load_movielens(folder, seed=seed)
     if max_items or max_users:
         ml = subsample(ml, max_items=max_items or len(ml.items), max_users=max_users or 10**9, seed=seed)
-    rows = [_Row(r.user_id, r.item_id, r.timestamp, r.rating, EventType.RATING) for r in ml.ratings]
-    data = _build("movielens" if folder is None else folder.name, ml.items, rows, seed)
+    rows = [InteractionRow(r.user_id, r.item_id, r.timestamp, r.rating, EventType.RATING) for r in ml.ratings]
+    data = build_interactions("movielens" if folder is None else folder.name, ml.items, rows, seed)
     data.stats["dropped_unknown_item_events"] = 0
     return data
 
 
-def _build(name: str, items: Sequence[Item], rows: Sequence[_Row], seed: int) -> Interactions:
+def build_interactions(name: str, items: Sequence[Item], rows: Sequence[InteractionRow], seed: int = 0) -> Interactions:
     """Index users and items, sort events into log order, keep the first of repeated pairs."""
     rng = np.random.default_rng([seed, 17])
     # Items: a seeded permutation of the catalog becomes the internal order.
@@ -290,7 +292,7 @@ def read_items(path: Path) -> list[Item]:
     return list(items.values())
 
 
-def read_interaction_rows(path: Path) -> list[_Row]:
+def read_interaction_rows(path: Path) -> list[InteractionRow]:
     """Interactions from a file with user_id, item_id, timestamp[, rating, event_type]."""
     rows = []
     for n, raw in enumerate(_read_table(path, INTERACTION_COLUMNS), 1):
@@ -311,7 +313,7 @@ def read_interaction_rows(path: Path) -> list[_Row]:
         if etype == EventType.RATING and (rating is None or not 0.5 <= rating <= 5.0):
             raise InvalidArgument(f"{path}: row {n}: a rating event needs a rating in [0.5, 5], got {raw.get('rating')!r}")
         rows.append(
-            _Row(user_id, item_id, _timestamp(raw.get("timestamp"), path, n), math.nan if rating is None else rating, etype)
+            InteractionRow(user_id, item_id, _timestamp(raw.get("timestamp"), path, n), math.nan if rating is None else rating, etype)
         )
     if not rows:
         raise InvalidArgument(f"{path}: no interactions")

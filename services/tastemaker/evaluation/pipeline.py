@@ -21,7 +21,8 @@ profile's at zero: the decayed mean of the user's item vectors, ranked by cosine
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import copy
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from tastemaker.retrieval.collaborative import InteractionGraph, graph_params
 from tastemaker.retrieval.ranking import Retriever
 
 #: The RetrievalConfig fields tuned on validation (the hybrid score's blend weights and the
-#: scoring-time shape of the transition signal). Graph-shape fields would need a refit.
+#: scoring-time shape of the transition signal) ...
 TUNED_FIELDS = (
     "profile_weight",
     "sequential_weight",
@@ -44,25 +45,50 @@ TUNED_FIELDS = (
     "trending_weight",
     "sequential_history",
     "sequential_decay",
+    # ... and fields that change what is fitted (a refit per value): the transition window and
+    # the rating that counts as neutral (below it a rating pushes the profile away and does not
+    # count as "liked" for co-occurrence). `profiles.` keys live in the service's profiles section.
+    "sequential_window",
+    "profiles.weights.rating_centre",
 )
+FIT_FIELDS = ("sequential_window", "profiles.weights.rating_centre")
 
-#: Values tried per field by the coordinate search (plus the starting value).
-SEARCH_SPACE: dict[str, list[float]] = {
-    "profile_weight": [0.0, 0.25, 0.5, 1.0, 2.0],
-    "sequential_weight": [0.0, 0.3, 0.6, 1.0, 2.0, 4.0],
-    "collaborative_weight": [0.0, 0.2, 0.4, 1.0, 2.0],
-    "popularity_weight": [0.0, 0.05, 0.15, 0.3, 0.6],
-    "negative_weight": [0.0, 0.25, 0.5, 1.0],
-    "trending_weight": [0.0, 0.05, 0.2, 0.5],
-    "sequential_history": [1, 3, 5, 10],
-    "sequential_decay": [0.3, 0.5, 0.7, 0.9],
-}
-QUICK_SEARCH_SPACE: dict[str, list[float]] = {
-    "profile_weight": [0.5, 1.0],
-    "sequential_weight": [0.0, 0.6, 2.0],
-    "collaborative_weight": [0.0, 0.4],
-    "popularity_weight": [0.0, 0.15],
-}
+
+def configs_for(
+    retrieval: RetrievalConfig, profiles: ProfileConfig, params: dict[str, Any]
+) -> tuple[RetrievalConfig, ProfileConfig]:
+    """The service configs with `params` applied (plain keys: retrieval; `profiles.a.b`: profiles),
+    validated like a config file would be."""
+    retrieval_tree = retrieval.model_dump()
+    profile_tree = profiles.model_dump()
+    for key, value in params.items():
+        if key.startswith("profiles."):
+            node = profile_tree
+            *path, leaf = key.split(".")[1:]
+            for part in path:
+                node = node[part]
+            node[leaf] = value
+        else:
+            retrieval_tree[key] = value
+    return RetrievalConfig.model_validate(retrieval_tree), ProfileConfig.model_validate(profile_tree)
+
+
+def fit_key(params: dict[str, Any]) -> tuple:
+    """The part of `params` that needs a refit (profiles or graph)."""
+    return tuple(sorted((k, v) for k, v in params.items() if k in FIT_FIELDS))
+
+
+def config_tree(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` as the nested sections of the service YAML (`retrieval:`, `profiles:`)."""
+    tree: dict[str, Any] = {}
+    for key, value in params.items():
+        parts = key.split(".") if key.startswith("profiles.") else ["retrieval", key]
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
 
 #: Zero-shot text model: the profile part of the hybrid score and nothing else.
 TEXT_ONLY_WEIGHTS = dict(
@@ -74,6 +100,34 @@ TEXT_ONLY_WEIGHTS = dict(
     trending_weight=0.0,
 )
 
+#: Values tried per field by the coordinate search (plus the starting value).
+SEARCH_SPACE: dict[str, list[float]] = {
+    "profiles.weights.rating_centre": [0.0, 3.0],
+    "sequential_window": [1, 3, 5],
+    "profile_weight": [0.5, 1.0, 2.0],
+    "sequential_weight": [0.3, 0.6, 1.0, 2.0],
+    "collaborative_weight": [0.0, 0.4, 1.0],
+    "popularity_weight": [0.0, 0.05, 0.15],
+    "negative_weight": [0.0, 0.5],
+    "trending_weight": [0.0, 0.05],
+    "sequential_history": [3, 5, 10],
+    "sequential_decay": [0.5, 0.7, 0.9],
+}
+QUICK_SEARCH_SPACE: dict[str, list[float]] = {
+    "sequential_weight": [0.0, 2.0],
+    "popularity_weight": [0.0, 0.15],
+}
+
+#: Starting points tried before the coordinate search (it starts from the best of them), so a
+#: plateau around the service defaults (e.g. cold targets that no single weight change reaches)
+#: cannot trap it. Each is applied on top of the service config's weights.
+SEARCH_SEEDS: list[dict[str, float]] = [
+    {},  # the service config as given
+    dict(TEXT_ONLY_WEIGHTS),
+    dict(TEXT_ONLY_WEIGHTS, sequential_weight=1.0),
+    dict(TEXT_ONLY_WEIGHTS, sequential_weight=1.0, collaborative_weight=0.4, popularity_weight=0.15),
+]
+QUICK_SEARCH_SEEDS: list[dict[str, float]] = [{}, dict(TEXT_ONLY_WEIGHTS)]
 
 def item_alias(index: int) -> str:
     """Opaque item id given to the service code: sorts like the seeded internal order."""
@@ -113,16 +167,45 @@ class ServiceEvents:
             for e, (u, i, tm, r, t) in enumerate(zip(data.user, data.item, data.time, data.rating, data.event_type))
         ]
         self.alias_to_index = {item.item_id: i for i, item in enumerate(self.items)}
+        self._templates: dict[str, Retriever] = {}
+
+    def retriever(self, config: RetrievalConfig, graph: Optional[InteractionGraph], popularity: np.ndarray) -> Retriever:
+        """A `Retriever` over the whole catalog with this segment's popularity and graph.
+
+        The catalog is upserted once per index setting (`Retriever.upsert`) into a template whose
+        vector index and item metadata every segment's retriever then shares read-only: nothing
+        mutates them during evaluation, and rebuilding a FAISS index per segment and tuning trial
+        would only cost time."""
+        key = config.model_dump_json(include={"index", "exact_max_items", "ivf_nlist", "ivf_nprobe"})
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = Retriever(config)
+            template.upsert(self.items)
+        retriever = Retriever(config, graph)
+        retriever.index = template.index
+        retriever.catalog = copy.copy(template.catalog)
+        retriever.catalog.set_popularity(
+            {self.items[i].item_id: int(c) for i, c in enumerate(popularity) if c > 0}
+        )
+        return retriever
 
 
 class _FrozenGraph(InteractionGraph):
-    """EVALUATION-ONLY SPEED-UP, same results: `InteractionGraph.trend_score` recomputes the top
-    trending count on every call (O(items) per ranked candidate). A graph fitted for one segment
-    never changes afterwards, so the top count is computed once. Proposed upstream as a cached
-    maximum updated in `_count_trend` (see the evaluation README)."""
+    """EVALUATION-ONLY SPEED-UPS, identical results. A graph fitted for one segment never changes
+    afterwards, so:
+
+    - the top trending count is computed once (`InteractionGraph.trend_score` recomputes it on
+      every call: O(items) per ranked candidate; proposed upstream as a maximum kept up to date
+      in `_count_trend`);
+    - `cooccurrence_scores` and `sequential_scores` are memoised per (history, arguments), because
+      the validation search ranks the same users under many blend weights and these scores do not
+      depend on the weights. The memo returns the very dict the parent method computed; ranking
+      only reads it.
+    """
 
     def freeze(self) -> "_FrozenGraph":
         self._top_trend = max(self.trend.values(), default=0.0)
+        self._memo: dict[tuple, dict] = {}
         return self
 
     def trend_score(self, item_id: str) -> float:
@@ -130,6 +213,32 @@ class _FrozenGraph(InteractionGraph):
         if top is None:
             return super().trend_score(item_id)
         return self.trend.get(item_id, 0.0) / top if top > 0 else 0.0
+
+    @staticmethod
+    def _history_key(recent) -> tuple:
+        return tuple((h.item_id, int(h.event_type), h.weight) for h in recent)
+
+    def cooccurrence_scores(self, recent):
+        memo = getattr(self, "_memo", None)
+        if memo is None:
+            return super().cooccurrence_scores(recent)
+        key = ("co", self._history_key(recent))
+        if key not in memo:
+            memo[key] = super().cooccurrence_scores(recent)
+        return memo[key]
+
+    def sequential_scores(self, recent, history, decay):
+        memo = getattr(self, "_memo", None)
+        if memo is None:
+            return super().sequential_scores(recent, history, decay)
+        key = ("seq", self._history_key(recent), history, decay)
+        if key not in memo:
+            memo[key] = super().sequential_scores(recent, history, decay)
+        return memo[key]
+
+    def release(self) -> None:
+        """Drop the memo (its dicts are large) once a segment is done."""
+        self._memo = {}
 
 
 class FittedPipeline(Fitted):
@@ -182,7 +291,7 @@ class TastemakerPipeline(Method):
         self.description = description
 
     def fit(self, train: TrainData, params: dict[str, Any]) -> FittedPipeline:
-        config = self.retrieval.model_copy(update=params) if params else self.retrieval
+        config, profile_config = configs_for(self.retrieval, self.profile_config, params)
         events = self.service.events
         vectors = self.service.vectors
         states: dict[int, ProfileState] = {}
@@ -192,18 +301,13 @@ class TastemakerPipeline(Method):
             state = states.get(user)
             if state is None:
                 state = states[user] = ProfileState(user_id=user_alias(user))
-            state.apply(events[e], vectors[int(data.item[e])], int(e), self.profile_config)
+            state.apply(events[e], vectors[int(data.item[e])], int(e), profile_config)
         graph: Optional[InteractionGraph] = None
         if self.use_graph:
-            graph = _FrozenGraph(graph_params(config), self.profile_config.weights)
+            graph = _FrozenGraph(graph_params(config), profile_config.weights)
             graph.fit(events[e] for e in train.events)
             graph.freeze()
-        retriever = Retriever(config, graph)
-        retriever.upsert(self.service.items)
-        counts = train.popularity
-        retriever.catalog.set_popularity(
-            {self.service.items[i].item_id: int(c) for i, c in enumerate(counts) if c > 0}
-        )
+        retriever = self.service.retriever(config, graph, train.popularity)
         return FittedPipeline(self.service, retriever, {u: s.view() for u, s in states.items()})
 
 
@@ -225,10 +329,12 @@ def coordinate_search(
     space: dict[str, list[Any]],
     rounds: int = 2,
     on_trial: Optional[Callable[[dict[str, Any], float], None]] = None,
+    seeds: Sequence[dict[str, Any]] = (),
 ) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
-    """Maximise `evaluate` one field at a time over `space`, starting from `start`, for up to
-    `rounds` passes (stopping early when a pass changes nothing). Ties keep the current value,
-    so the search never wanders on noise. Returns (best params, best value, trials)."""
+    """Maximise `evaluate` one field at a time over `space`, for up to `rounds` passes (stopping
+    early when a pass changes nothing), starting from the best of `start` and `start` updated
+    with each of `seeds`. Ties keep the current value, so the search never wanders on noise.
+    Returns (best params, best value, trials)."""
     seen: dict[tuple, float] = {}
     trials: list[dict[str, Any]] = []
 
@@ -243,6 +349,11 @@ def coordinate_search(
 
     best = dict(start)
     best_value = score(best)
+    for seed in seeds:
+        candidate = dict(start, **seed)
+        value = score(candidate)
+        if value > best_value + 1e-12:
+            best, best_value = candidate, value
     for _ in range(rounds):
         changed = False
         for name, values in space.items():

@@ -59,7 +59,7 @@ class Retriever:
     def upsert(self, items: Sequence[Item]) -> None:
         with_vectors = [i for i in items if i.vector is not None]
         if with_vectors and self.index is None:
-            self.index = create_index(self.config.index, int(with_vectors[0].vector.shape[0]))
+            self.index = create_index(self.config, int(with_vectors[0].vector.shape[0]))
         if with_vectors:
             self.index.upsert([i.item_id for i in with_vectors], np.stack([i.vector for i in with_vectors]))
         for item in with_vectors:

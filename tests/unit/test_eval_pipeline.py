@@ -1,0 +1,163 @@
+"""Tastemaker under evaluation (`tastemaker.evaluation.pipeline`): it must be the service's own
+profile + graph + ranking path, and the weight search must find what it is asked to find."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tastemaker.config import ProfileConfig, RetrievalConfig
+from tastemaker.domain import EventType, Item, RecommendQuery
+from tastemaker.evaluation.baselines import TrainData
+from tastemaker.evaluation.data import InteractionRow, build_interactions
+from tastemaker.evaluation.pipeline import (
+    ServiceEvents,
+    TastemakerPipeline,
+    _FrozenGraph,
+    coordinate_search,
+    item_alias,
+    text_only,
+    user_alias,
+)
+from tastemaker.profiles.state import ProfileState
+from tastemaker.retrieval.collaborative import InteractionGraph, graph_params
+from tastemaker.retrieval.ranking import Retriever
+
+
+def _toy(seed: int = 0, n_items: int = 40, n_users: int = 25, dim: int = 16):
+    rng = np.random.default_rng(seed)
+    items = [Item(item_id=f"m{i}", title=f"Movie {i}", tags=[f"g{i % 4}"]) for i in range(n_items)]
+    rows = []
+    for u in range(n_users):
+        for t, i in enumerate(rng.choice(n_items, size=12, replace=False)):
+            rows.append(InteractionRow(f"u{u}", f"m{i}", float(u * 100 + t * 3600), float(rng.choice([1, 2, 3, 4, 5])), EventType.RATING))
+    data = build_interactions("toy", items, rows, seed=seed)
+    vectors = rng.normal(size=(n_items, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return data, vectors
+
+
+def test_pipeline_is_the_service_path_applied_to_the_training_events():
+    data, vectors = _toy()
+    service = ServiceEvents(data, vectors)
+    train = TrainData(data, np.arange(data.n_events - 30))
+    retrieval, profiles = RetrievalConfig(), ProfileConfig()
+    fitted = TastemakerPipeline(service, retrieval, profiles).fit(train, {})
+    users = np.arange(data.n_users)
+    ranked = fitted.recommend(users, 10)
+
+    # The same thing built by hand from the service's classes, as a shard + replica would.
+    states: dict[int, ProfileState] = {}
+    graph = InteractionGraph(graph_params(retrieval), profiles.weights)
+    for e in train.events:
+        u = int(data.user[e])
+        states.setdefault(u, ProfileState(user_id=user_alias(u))).apply(service.events[e], vectors[data.item[e]], int(e), profiles)
+        graph.observe(service.events[e])
+    retriever = Retriever(retrieval, graph)
+    retriever.upsert(service.items)
+    retriever.catalog.set_popularity({item_alias(i): int(c) for i, c in enumerate(train.popularity) if c})
+    for u in users:
+        expected = [s.item_id for s in retriever.recommend(RecommendQuery(user_id=user_alias(u), page_size=10), states[u].view())]
+        got = [item_alias(i) for i in ranked[u] if i >= 0]
+        assert got == expected
+        assert not set(ranked[u].tolist()) & set(train.seen(int(u)).tolist())  # exclude-seen
+        assert len(got) == 10
+
+
+def test_text_only_ranks_by_cosine_to_the_decayed_profile():
+    data, vectors = _toy(seed=1)
+    service = ServiceEvents(data, vectors)
+    train = TrainData(data, np.arange(data.n_events))
+    fitted = text_only(service, RetrievalConfig(), ProfileConfig()).fit(train, {})
+    assert fitted.retriever.graph is None
+    for user in range(5):
+        profile = fitted.profiles[user].vector
+        seen = set(train.seen(user).tolist())
+        expected = [i for i in np.argsort(-(vectors @ profile), kind="stable") if i not in seen][:5]
+        assert fitted.recommend(np.array([user]), 5)[0].tolist() == expected
+
+
+def test_the_frozen_graph_scores_exactly_like_the_service_graph():
+    data, vectors = _toy(seed=2)
+    service = ServiceEvents(data, vectors)
+    profiles = ProfileConfig()
+    params = graph_params(RetrievalConfig())
+    plain = InteractionGraph(params, profiles.weights).fit(service.events)
+    frozen = _FrozenGraph(params, profiles.weights).fit(service.events).freeze()
+    state = ProfileState(user_id="x")
+    for e in np.nonzero(data.user == 0)[0]:
+        state.apply(service.events[e], vectors[data.item[e]], int(e), profiles)
+    recent = state.view().recent
+    for _ in range(2):  # the second call is served from the memo
+        assert frozen.cooccurrence_scores(recent) == plain.cooccurrence_scores(recent)
+        assert frozen.sequential_scores(recent, 3, 0.7) == plain.sequential_scores(recent, 3, 0.7)
+    for item in service.items[:10]:
+        assert frozen.trend_score(item.item_id) == pytest.approx(plain.trend_score(item.item_id))
+
+
+def test_coordinate_search_climbs_a_separable_objective():
+    target = {"a": 2.0, "b": 0.5}
+    space = {"a": [0.0, 1.0, 2.0, 3.0], "b": [0.0, 0.5, 1.0]}
+    best, value, trials = coordinate_search(
+        lambda p: -((p["a"] - target["a"]) ** 2) - (p["b"] - target["b"]) ** 2, {"a": 0.0, "b": 0.0}, space
+    )
+    assert best == target and value == 0.0
+    assert len(trials) == len({tuple(sorted(t["params"].items())) for t in trials})  # no trial twice
+
+
+def test_coordinate_search_seeds_escape_a_plateau():
+    # Only a = b = 0 scores: no single-coordinate move from (1, 1) can find it.
+    objective = lambda p: 1.0 if p["a"] == 0 and p["b"] == 0 else 0.0  # noqa: E731
+    space = {"a": [0, 1], "b": [0, 1]}
+    stuck, value, _ = coordinate_search(objective, {"a": 1, "b": 1}, space)
+    assert value == 0.0 and stuck == {"a": 1, "b": 1}
+    found, value, _ = coordinate_search(objective, {"a": 1, "b": 1}, space, seeds=[{"a": 0, "b": 0}])
+    assert value == 1.0 and found == {"a": 0, "b": 0}
+
+
+def test_tuned_params_map_onto_the_service_configs_and_yaml_sections():
+    from tastemaker.evaluation.pipeline import config_tree, configs_for, fit_key
+
+    params = {"profile_weight": 0.5, "sequential_window": 2, "profiles.weights.rating_centre": 0.0}
+    retrieval, profiles = configs_for(RetrievalConfig(), ProfileConfig(), params)
+    assert retrieval.profile_weight == 0.5 and retrieval.sequential_window == 2
+    assert profiles.weights.rating_centre == 0.0 and ProfileConfig().weights.rating_centre == 3.0
+    assert fit_key(params) == (("profiles.weights.rating_centre", 0.0), ("sequential_window", 2))
+    assert config_tree(params) == {
+        "retrieval": {"profile_weight": 0.5, "sequential_window": 2},
+        "profiles": {"weights": {"rating_centre": 0.0}},
+    }
+    with pytest.raises(Exception):
+        configs_for(RetrievalConfig(), ProfileConfig(), {"sequential_decay": 2.0})  # validated like a file
+
+
+def test_a_fit_field_changes_the_profiles():
+    data, vectors = _toy(seed=3)
+    service = ServiceEvents(data, vectors)
+    train = TrainData(data, np.arange(data.n_events))
+    method = TastemakerPipeline(service, RetrievalConfig(), ProfileConfig())
+    default = method.fit(train, {})
+    everything_liked = method.fit(train, {"profiles.weights.rating_centre": 0.0})
+    user = 0
+    assert default.profiles[user].negative_vector is not None  # 1-2 star ratings push away
+    assert everything_liked.profiles[user].negative_vector is None
+
+
+def test_raw_transitions_experiment_scores_counts_without_the_anchor_total():
+    from tastemaker.evaluation.experiments import RawTransitionsGraph
+
+    data, vectors = _toy(seed=4)
+    service = ServiceEvents(data, vectors)
+    params, weights = graph_params(RetrievalConfig()), ProfileConfig().weights
+    plain = InteractionGraph(params, weights).fit(service.events)
+    raw = RawTransitionsGraph(params, weights).fit(service.events).freeze()
+    state = ProfileState(user_id="x")
+    for e in np.nonzero(data.user == 1)[0]:
+        state.apply(service.events[e], vectors[data.item[e]], int(e), ProfileConfig())
+    recent = state.view().recent
+    anchor = [recent[-1]]  # one anchor: raw = normalised x the anchor's total
+    total = plain.next_totals[anchor[0].item_id]
+    normalised = plain.sequential_scores(anchor, 1, 0.7)
+    assert {k: v[0] for k, v in raw.sequential_scores(anchor, 1, 0.7).items()} == pytest.approx(
+        {k: v[0] * total for k, v in normalised.items()}
+    )
