@@ -341,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "runs": args.runs,
         "aggregate": "median of runs; ratio = value / baseline_value (> 1 = faster than sentence-transformers)",
         "seed": args.seed,
-        "forward_batch_size": EncoderConfig().resolved_forward_batch_size(),
+        "forward_batch_size": {"transformers": EncoderConfig().resolved_forward_batch_size(), "onnx": EncoderConfig(backend="onnx").resolved_forward_batch_size()},
         "pool": {
             "backend": args.pool_backend,
             "precision": args.pool_precision if args.pool_backend == "onnx" else None,
