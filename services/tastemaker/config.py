@@ -141,7 +141,7 @@ class RetrievalConfig(_Strict):
         description="Vector index: flat = exact; pq = 4-bit PQ code scan + exact re-rank; ivf = IVF-Flat; auto = flat up to exact_max_items, pq above.",
     )
     exact_max_items: int = Field(50_000, ge=0, description="With index=auto: largest catalog searched exactly.")
-    pq_rerank: int = Field(2_000, ge=1, description="pq: candidates from the code scan re-scored exactly (more = higher recall, slower).")
+    pq_rerank: int = Field(2_500, ge=1, description="pq: candidates from the code scan re-scored exactly, more per excluded id near the query (more = higher recall, slower).")
     pq_subquantizers: Optional[int] = Field(None, ge=1, description="pq: 4-bit codes per vector; None = dimension/2 (must divide it).")
     ivf_nlist: Optional[int] = Field(None, ge=1, description="IVF lists; None = about 2·√items, re-chosen as the catalog grows 4x.")
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists scanned per query (more with selective filters).")

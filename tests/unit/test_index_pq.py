@@ -117,6 +117,27 @@ def test_recall_with_exclude_seen_and_filters(catalog):
             assert recalls == [1.0] * len(recalls)
 
 
+def test_excluded_ids_near_the_query_grow_the_reranked_pool(catalog):
+    """A profile's seen items rank at the top of the code scan; excluding them must not cost recall:
+    the pool re-scored exactly grows with the excluded ids the scan ranks inside it."""
+    ids, x, x64, labels, pq, flat = catalog
+    small = PQIndex(384, rerank=500)  # a small pool, where the depth lost to exclusions shows
+    small._codes, small._trained_at = pq._codes, pq._trained_at  # share the trained codes
+    small._matrix, small._ids, small._slot_of = pq._matrix, pq._ids, pq._slot_of
+    small._node_slot, small._slot_node = pq._node_slot, pq._slot_node
+    plain, excluding, grown = [], [], []
+    for q, seen_rows in profile_queries(x, labels, 20, seed=14):
+        plain.append(recall(small.search(q, 100), brute_force(x64, q, 100)))
+        assert small.last_reranked == 500
+        seen = {ids[j] for j in seen_rows}
+        got = small.search(q, 100, excluded=seen)
+        assert not seen & {i for i, _ in got}
+        excluding.append(recall(got, brute_force(x64, q, 100, seen_rows)))
+        grown.append(small.last_reranked - 500)
+    assert np.mean(grown) > 25, grown  # most of the 50 seen items rank inside the pool
+    assert np.mean(excluding) >= np.mean(plain) - 0.01, (np.mean(excluding), np.mean(plain))
+
+
 def test_selective_filter_far_from_the_query_still_fills_k():
     """Only 60 items far from the query qualify and the exact subset path is off: the code scan
     must keep fetching until it has k of them."""
