@@ -158,6 +158,18 @@ class RetrievalConfig(_Strict):
     sequential_window: int = Field(3, ge=1, description="Items after an item that count as 'consumed next'.")
     sequential_history: int = Field(5, ge=1, description="The user's last items that propose next items.")
     sequential_decay: float = Field(0.7, gt=0, le=1, description="Weight of each older history item.")
+    sequential_normalise: bool = Field(
+        True,
+        description="Score transitions as probabilities (each history item's counts / its total); false = raw counts, so popular followers count more.",
+    )
+    exploration_slots: int = Field(
+        0,
+        ge=0,
+        description="Last positions of each page reserved for the best text matches among low-evidence items (cold items get a chance; 0 = off).",
+    )
+    exploration_max_interactions: int = Field(
+        2, ge=0, description="Items with at most this many interactions count as low-evidence for exploration_slots."
+    )
     cooccurrence_window: int = Field(10, ge=2, description="Liked items of one user that co-occur.")
     trending_half_life_days: float = Field(7.0, gt=0, description="Decay of the trending counts.")
     artifact_check_s: float = Field(10.0, gt=0, description="How often replicas look for a newer fitted model.")

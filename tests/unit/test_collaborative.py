@@ -52,6 +52,32 @@ def test_sequential_scores_blend_recent_items_with_decay_and_name_the_anchor():
     assert set(scores) == {"c", "d"}
 
 
+def test_raw_transition_scores_favour_the_frequent_follower():
+    # After "a": "b" followed 3 times (of 4 for a), "c" once. After "x": "c" once (of 1 for x).
+    events = [_ev(f"u{k}", i, n=k) for k in range(3) for i in "ab"]
+    events += [_ev("v", "a"), _ev("v", "c"), _ev("w", "x"), _ev("w", "c")]
+    g = _graph(events, sequential_window=1)
+    recent = _hist("x", "a")
+    normalised = g.sequential_scores(recent, history=2, decay=1.0)
+    raw = g.sequential_scores(recent, history=2, decay=1.0, normalise=False)
+    # Probabilities: b = 3/4, c = 1/4 + 1/1. Raw counts: b = 3, c = 1 + 1.
+    assert normalised["c"][0] == pytest.approx(1.25) and normalised["b"][0] == pytest.approx(0.75)
+    assert raw["b"][0] == pytest.approx(3.0) and raw["c"][0] == pytest.approx(2.0)
+    assert raw["b"][1] == "a" and raw["c"][1] in {"a", "x"}
+
+
+def test_trend_top_is_kept_up_to_date_through_rescales_deletes_and_reloads():
+    day = 86_400.0
+    g = _graph([_ev("u", "a", t=0.0, n=k) for k in range(3)] + [_ev("u", "b", t=1.0)])
+    assert g.trend_top == pytest.approx(max(g.trend.values())) and g.trend_score("a") == pytest.approx(1.0)
+    g.forget_items(["a"])
+    assert g.trend_top == pytest.approx(g.trend["b"]) and g.trend_score("b") == pytest.approx(1.0)
+    g.observe(_ev("u", "c", t=1e5 * day))  # a rescale
+    assert g.trend_top == pytest.approx(max(g.trend.values())) and g.trend_score("c") == pytest.approx(1.0)
+    restored = InteractionGraph.from_bytes(g.to_bytes(), g.params, W)
+    assert restored.trend_top == pytest.approx(g.trend_top)
+
+
 def test_skips_and_dislikes_are_not_consumption_and_users_do_not_mix():
     g = _graph([_ev("u", "a"), _ev("u", "b", etype=EventType.SKIP), _ev("v", "c"), _ev("u", "d")])
     assert g.next_counts["a"] == {"d": 1.0}

@@ -91,6 +91,7 @@ def test_the_frozen_graph_scores_exactly_like_the_service_graph():
     for _ in range(2):  # the second call is served from the memo
         assert frozen.cooccurrence_scores(recent) == plain.cooccurrence_scores(recent)
         assert frozen.sequential_scores(recent, 3, 0.7) == plain.sequential_scores(recent, 3, 0.7)
+        assert frozen.sequential_scores(recent, 3, 0.7, False) == plain.sequential_scores(recent, 3, 0.7, False)
     for item in service.items[:10]:
         assert frozen.trend_score(item.item_id) == pytest.approx(plain.trend_score(item.item_id))
 
@@ -143,21 +144,21 @@ def test_a_fit_field_changes_the_profiles():
     assert everything_liked.profiles[user].negative_vector is None
 
 
-def test_raw_transitions_experiment_scores_counts_without_the_anchor_total():
-    from tastemaker.evaluation.experiments import RawTransitionsGraph
+def test_the_learned_ranker_experiment_learns_which_signal_picks_the_next_item():
+    from tastemaker.evaluation.experiments import LearnedRanker
 
-    data, vectors = _toy(seed=4)
-    service = ServiceEvents(data, vectors)
-    params, weights = graph_params(RetrievalConfig()), ProfileConfig().weights
-    plain = InteractionGraph(params, weights).fit(service.events)
-    raw = RawTransitionsGraph(params, weights).fit(service.events).freeze()
-    state = ProfileState(user_id="x")
-    for e in np.nonzero(data.user == 1)[0]:
-        state.apply(service.events[e], vectors[data.item[e]], int(e), ProfileConfig())
-    recent = state.view().recent
-    anchor = [recent[-1]]  # one anchor: raw = normalised x the anchor's total
-    total = plain.next_totals[anchor[0].item_id]
-    normalised = plain.sequential_scores(anchor, 1, 0.7)
-    assert {k: v[0] for k, v in raw.sequential_scores(anchor, 1, 0.7).items()} == pytest.approx(
-        {k: v[0] * total for k, v in normalised.items()}
-    )
+    rng = np.random.default_rng(0)
+    lists = []
+    for _ in range(60):
+        n = 12
+        features = {"profile": rng.random(n), "sequential": rng.random(n), "popularity": rng.random(n)}
+        target = int(np.argmax(features["sequential"]))  # the next item is always the best transition
+        lists.append((LearnedRanker.matrix(features, n), target))
+    ranker = LearnedRanker.fit(lists, l2=1e-4)
+    weights = dict(zip(ranker.columns, ranker.weights))
+    assert weights["sequential"] > abs(weights["popularity"]) and weights["sequential"] > abs(weights["profile"])
+    features = {"profile": rng.random(8), "sequential": rng.random(8), "popularity": rng.random(8)}
+    parts = ranker.parts(features, 8)
+    assert set(parts) == {"profile", "sequential", "popularity"}
+    np.testing.assert_allclose(sum(parts.values()), ranker.score(features, 8), atol=1e-9)
+    assert int(np.argmax(ranker.score(features, 8))) == int(np.argmax(features["sequential"]))

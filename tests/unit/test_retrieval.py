@@ -528,3 +528,29 @@ class TestRetriever:
         # animation 2.25, kids 2.0, horror 0.5, scifi 0.5, insects 0.25 -> top 3, ties by name.
         assert tags == ["animation", "kids", "horror"]
         assert retriever.describe(ProfileView("cold")) == ([], [])
+
+
+def test_exploration_slots_give_low_evidence_items_the_last_places_with_a_grounded_reason():
+    config = RetrievalConfig(exploration_slots=1, exploration_max_interactions=2, popularity_weight=0.5)
+    r = Retriever(config)
+    r.upsert(_items())
+    r.catalog.set_popularity({i: 50 for i in ITEM_VECTORS if i not in {"heat", "notebook"}} | {"heat": 2})
+    liked = HistoryEntry("bugs", EventType.RATING, 5.0, 2.0, 1.0)
+    profile = _profile(E[0] + 0.3 * E[2], seen=["bugs"], recent=[liked])
+    query = RecommendQuery(user_id="u", page_size=3)
+
+    plain = Retriever(config.model_copy(update={"exploration_slots": 0}))
+    plain.index, plain.catalog = r.index, r.catalog
+    without = _ids(plain.recommend(query, profile))
+    assert "heat" not in without and "notebook" not in without  # popularity keeps them out
+
+    out = r.recommend(query, profile)
+    # The head is the plain ranking; the last place goes to the best text match among items
+    # with <= 2 interactions (heat is closer to the taste than notebook).
+    assert _ids(out) == without[:2] + ["heat"]
+    assert out[-1].reason.startswith("because you rated A Bug's Life 5★")
+
+    # Nothing low-evidence among the candidates: the page is the plain ranking.
+    r.catalog.set_popularity({i: 50 for i in ITEM_VECTORS})
+    plain.catalog = r.catalog
+    assert _ids(r.recommend(query, profile)) == _ids(plain.recommend(query, profile))

@@ -45,6 +45,7 @@ TUNED_FIELDS = (
     "trending_weight",
     "sequential_history",
     "sequential_decay",
+    "sequential_normalise",
     # ... and fields that change what is fitted (a refit per value): the transition window and
     # the rating that counts as neutral (below it a rating pushes the profile away and does not
     # count as "liked" for co-occurrence). `profiles.` keys live in the service's profiles section.
@@ -104,6 +105,7 @@ TEXT_ONLY_WEIGHTS = dict(
 SEARCH_SPACE: dict[str, list[float]] = {
     "profiles.weights.rating_centre": [0.0, 3.0],
     "sequential_window": [1, 3, 5],
+    "sequential_normalise": [True, False],
     "profile_weight": [0.5, 1.0, 2.0],
     "sequential_weight": [0.3, 0.6, 1.0, 2.0],
     "collaborative_weight": [0.0, 0.4, 1.0],
@@ -191,28 +193,16 @@ class ServiceEvents:
 
 
 class _FrozenGraph(InteractionGraph):
-    """EVALUATION-ONLY SPEED-UPS, identical results. A graph fitted for one segment never changes
-    afterwards, so:
-
-    - the top trending count is computed once (`InteractionGraph.trend_score` recomputes it on
-      every call: O(items) per ranked candidate; proposed upstream as a maximum kept up to date
-      in `_count_trend`);
-    - `cooccurrence_scores` and `sequential_scores` are memoised per (history, arguments), because
-      the validation search ranks the same users under many blend weights and these scores do not
-      depend on the weights. The memo returns the very dict the parent method computed; ranking
-      only reads it.
+    """EVALUATION-ONLY SPEED-UP, identical results. A graph fitted for one segment never changes
+    afterwards, so `cooccurrence_scores` and `sequential_scores` are memoised per (history,
+    arguments): the validation search ranks the same users under many blend weights and these
+    scores do not depend on the weights. The memo returns the very dict the parent method
+    computed; ranking only reads it.
     """
 
     def freeze(self) -> "_FrozenGraph":
-        self._top_trend = max(self.trend.values(), default=0.0)
         self._memo: dict[tuple, dict] = {}
         return self
-
-    def trend_score(self, item_id: str) -> float:
-        top = getattr(self, "_top_trend", None)
-        if top is None:
-            return super().trend_score(item_id)
-        return self.trend.get(item_id, 0.0) / top if top > 0 else 0.0
 
     @staticmethod
     def _history_key(recent) -> tuple:
@@ -227,13 +217,13 @@ class _FrozenGraph(InteractionGraph):
             memo[key] = super().cooccurrence_scores(recent)
         return memo[key]
 
-    def sequential_scores(self, recent, history, decay):
+    def sequential_scores(self, recent, history, decay, normalise=True):
         memo = getattr(self, "_memo", None)
         if memo is None:
-            return super().sequential_scores(recent, history, decay)
-        key = ("seq", self._history_key(recent), history, decay)
+            return super().sequential_scores(recent, history, decay, normalise)
+        key = ("seq", self._history_key(recent), history, decay, normalise)
         if key not in memo:
-            memo[key] = super().sequential_scores(recent, history, decay)
+            memo[key] = super().sequential_scores(recent, history, decay, normalise)
         return memo[key]
 
     def release(self) -> None:

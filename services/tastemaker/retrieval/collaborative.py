@@ -63,6 +63,8 @@ class InteractionGraph:
         self.co_degree: dict[str, float] = {}
         self.trend: dict[str, float] = {}
         self.trend_origin: Optional[float] = None
+        #: The largest value in `trend`, kept up to date (trend_score divides by it).
+        self.trend_top = 0.0
         self.newest_time = 0.0
         self.consumed_tail: dict[str, deque] = {}
         self.liked_tail: dict[str, deque] = {}
@@ -103,8 +105,11 @@ class InteractionGraph:
         if exponent > _TREND_RESCALE_HALF_LIVES:
             factor = 2.0 ** (-exponent)
             self.trend = {k: v * factor for k, v in self.trend.items() if v * factor > 1e-12}
+            self.trend_top = max(self.trend.values(), default=0.0)
             self.trend_origin, exponent = event_time, 0.0
-        self.trend[item] = self.trend.get(item, 0.0) + 2.0 ** exponent
+        value = self.trend[item] = self.trend.get(item, 0.0) + 2.0 ** exponent
+        if value > self.trend_top:
+            self.trend_top = value
         self.newest_time = max(self.newest_time, event_time)
 
     def fit(self, events: Iterable[UserEvent]) -> "InteractionGraph":
@@ -132,11 +137,17 @@ class InteractionGraph:
             self.next_counts.pop(item_id, None)
             self.co_counts.pop(item_id, None)
             self.trend.pop(item_id, None)
+        self.trend_top = max(self.trend.values(), default=0.0)
 
     # -- scoring --------------------------------------------------------------------------
-    def sequential_scores(self, recent: Sequence[HistoryEntry], history: int, decay: float) -> dict[str, tuple[float, str]]:
+    def sequential_scores(
+        self, recent: Sequence[HistoryEntry], history: int, decay: float, normalise: bool = True
+    ) -> dict[str, tuple[float, str]]:
         """item -> (score, the history item it follows best). Uses the last `history` consumed
-        items, the most recent weighted 1, the one before `decay`, and so on."""
+        items, the most recent weighted 1, the one before `decay`, and so on. With `normalise`
+        each anchor's counts are divided by its total (a transition probability); without, the
+        raw distance-weighted counts are summed, so a popular follower of the last item outranks
+        a rare one that always follows it."""
         consumed = [h.item_id for h in recent if h.event_type in _CONSUMED][-history:]
         totals: dict[str, float] = {}
         best: dict[str, tuple[float, str]] = {}
@@ -144,7 +155,7 @@ class InteractionGraph:
             row = self.next_counts.get(anchor)
             if not row:
                 continue
-            scale = decay**age / self.next_totals[anchor]
+            scale = decay**age / self.next_totals[anchor] if normalise else decay**age
             for item, count in row.items():
                 part = scale * count
                 totals[item] = totals.get(item, 0.0) + part
@@ -177,9 +188,7 @@ class InteractionGraph:
 
     def trend_score(self, item_id: str) -> float:
         """Trending count of an item relative to the top item, in [0, 1]."""
-        if not self.trend:
-            return 0.0
-        top = max(self.trend.values())
+        top = self.trend_top
         return self.trend.get(item_id, 0.0) / top if top > 0 else 0.0
 
     # -- serialisation --------------------------------------------------------------------
@@ -236,6 +245,7 @@ class InteractionGraph:
             graph.co_counts.setdefault(ids[r], {})[ids[c]] = float(v)
             graph.co_degree[ids[r]] = graph.co_degree.get(ids[r], 0.0) + float(v)
         graph.trend = {ids[i]: float(v) for i, v in zip(data["trend_i"], data["trend_v"])}
+        graph.trend_top = max(graph.trend.values(), default=0.0)
         graph.trend_origin = meta["trend_origin"]
         graph.newest_time = meta["newest_time"]
         graph.events_seen = meta["events_seen"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import re
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -45,6 +46,21 @@ def _action(entry: HistoryEntry) -> str:
     }.get(entry.event_type, "liked {title}")
 
 
+@dataclass
+class Candidates:
+    """One request's candidates and their unweighted signals, aligned by position."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    sources: dict[str, set[CandidateSource]]
+    #: Signal name -> value per candidate: profile / query cosine, negative (cosine to the
+    #: negative profile, floored at 0), popularity (log, in [0, 1]), sequential / collaborative
+    #: (scaled per request to [0, 1]; `.abs` unscaled), trending (in [0, 1]).
+    features: dict[str, np.ndarray]
+    #: Signal -> candidate -> the history item that proposed it.
+    anchors: dict[str, dict[str, str]]
+
+
 class Retriever:
     """Owns the item index and metadata of one retrieval replica."""
 
@@ -80,8 +96,61 @@ class Retriever:
     def recommend(self, request: RecommendQuery, profile: ProfileView) -> list[ScoredItem]:
         """Candidates from profile ANN, query ANN, next-item transitions, co-occurrence neighbours,
         trending and popularity; filtered, scored, diversified and explained."""
-        if self.index is None or len(self.index) == 0:
+        found = self.candidates(request, profile)
+        if found is None:
             return []
+        ids, vectors, sources, anchors = found.ids, found.vectors, found.sources, found.anchors
+        parts = self.score_parts(found)
+        scores = sum(parts.values())
+        order = self._select(scores, vectors, request.page_size, request.diversity)
+        explored = self._explore(order, ids, parts, request.page_size)
+        if explored:
+            head = order[: request.page_size - self.config.exploration_slots]
+            rest = [i for i in order[len(head) :] if i not in explored]
+            order = head + rest[: request.page_size - len(head) - len(explored)] + explored
+        explain_explored = "profile" if "profile" in parts else "query"
+        return [
+            ScoredItem(
+                item_id=ids[i],
+                title=self.catalog.items[ids[i]].title,
+                score=float(scores[i]),
+                sources=sorted(sources[ids[i]]),
+                reason=self._reason(
+                    ids[i],
+                    vectors[i],
+                    {k: float(v[i]) for k, v in parts.items()},
+                    profile,
+                    request,
+                    anchors,
+                    main=explain_explored if i in explored else None,
+                ),
+            )
+            for i in order
+        ]
+
+    def score_parts(self, found: "Candidates") -> dict[str, np.ndarray]:
+        """The score of each candidate as named parts that sum to it (the reason names the part
+        that mattered most): the configured linear blend of the signals."""
+        cfg = self.config
+        weights = {
+            "popularity": cfg.popularity_weight,
+            "profile": cfg.profile_weight,
+            "query": cfg.query_weight,
+            "negative": -cfg.negative_weight,
+            "sequential": cfg.sequential_weight,
+            "collaborative": cfg.collaborative_weight,
+            "trending": cfg.trending_weight,
+        }
+        return {
+            name: weights[name] * values
+            for name, values in found.features.items()
+            if name in weights and (name != "trending" or weights[name])
+        }
+
+    def candidates(self, request: RecommendQuery, profile: ProfileView) -> Optional["Candidates"]:
+        """The filtered candidate set with its unweighted signals (None when there is none)."""
+        if self.index is None or len(self.index) == 0:
+            return None
         cfg = self.config
         excluded = set() if request.include_seen else set(profile.seen_item_ids)
         allowed = self.catalog.matching_ids(request.filter)
@@ -107,7 +176,9 @@ class Retriever:
         if self.graph is not None:
             graph_scores["sequential"] = {
                 i: v
-                for i, v in self.graph.sequential_scores(profile.recent, cfg.sequential_history, cfg.sequential_decay).items()
+                for i, v in self.graph.sequential_scores(
+                    profile.recent, cfg.sequential_history, cfg.sequential_decay, cfg.sequential_normalise
+                ).items()
                 if eligible(i)
             }
             graph_scores["collaborative"] = {
@@ -132,48 +203,51 @@ class Retriever:
             sources.setdefault(item_id, set()).add(CandidateSource.POPULAR)
             taken += 1
         if not sources:
-            return []
+            return None
         ids = list(sources)
         vectors = self.index.vectors(ids)
-        parts = self._score_parts(vectors, ids, profile, request)
+        features = {"popularity": np.array([self.catalog.popularity_score(i) for i in ids])}
+        if profile.vector is not None:
+            features["profile"] = vectors @ profile.vector
+        if request.query_vector is not None:
+            features["query"] = vectors @ request.query_vector
+        if profile.negative_vector is not None:
+            features["negative"] = np.maximum(0.0, vectors @ profile.negative_vector)
         anchors: dict[str, dict[str, str]] = {}
-        for name, weight in (("sequential", cfg.sequential_weight), ("collaborative", cfg.collaborative_weight)):
-            found = graph_scores.get(name)
+        for name, found in graph_scores.items():
             if found:
                 # Scaled per request to [0, 1]: raw counts are not comparable across users.
                 top = max(v[0] for v in found.values()) or 1.0
-                parts[name] = weight * np.array([found[i][0] / top if i in found else 0.0 for i in ids])
+                raw = np.array([found[i][0] if i in found else 0.0 for i in ids])
+                features[name] = raw / top
+                features[name + ".abs"] = raw
                 anchors[name] = {i: found[i][1] for i in ids if i in found}
-        if self.graph is not None and cfg.trending_weight:
-            parts["trending"] = cfg.trending_weight * np.array([self.graph.trend_score(i) for i in ids])
-        scores = sum(parts.values())
-        order = self._select(scores, vectors, request.page_size, request.diversity)
-        return [
-            ScoredItem(
-                item_id=ids[i],
-                title=self.catalog.items[ids[i]].title,
-                score=float(scores[i]),
-                sources=sorted(sources[ids[i]]),
-                reason=self._reason(
-                    ids[i], vectors[i], {k: float(v[i]) for k, v in parts.items()}, profile, request, anchors
-                ),
-            )
-            for i in order
-        ]
+        if self.graph is not None:
+            features["trending"] = np.array([self.graph.trend_score(i) for i in ids])
+        return Candidates(ids, vectors, sources, features, anchors)
 
-    def _score_parts(
-        self, vectors: np.ndarray, ids: list[str], profile: ProfileView, request: RecommendQuery
-    ) -> dict[str, np.ndarray]:
-        """The hybrid score as named parts, so the reason can name the one that mattered most."""
+    def _explore(self, order: list[int], ids: list[str], parts: dict[str, np.ndarray], page_size: int) -> list[int]:
+        """Exploration slots: the candidates with little interaction evidence (at most
+        `exploration_max_interactions` events) that match the user's taste (or query) best by
+        text, for the last `exploration_slots` positions of the page. Transitions, co-occurrence
+        and popularity know nothing of such items, so without this a new item is never shown
+        to anyone, never gains evidence, and the blend keeps it out for good. Returns candidate
+        positions (empty when off, when there is no text signal, or nothing qualifies)."""
         cfg = self.config
-        parts = {"popularity": cfg.popularity_weight * np.array([self.catalog.popularity_score(i) for i in ids])}
-        if profile.vector is not None:
-            parts["profile"] = cfg.profile_weight * (vectors @ profile.vector)
-        if request.query_vector is not None:
-            parts["query"] = cfg.query_weight * (vectors @ request.query_vector)
-        if profile.negative_vector is not None:
-            parts["negative"] = -cfg.negative_weight * np.maximum(0.0, vectors @ profile.negative_vector)
-        return parts
+        slots = min(cfg.exploration_slots, page_size)
+        text_parts = [parts[k] for k in ("profile", "query") if k in parts]
+        if slots <= 0 or not text_parts:
+            return []
+        head = set(order[: page_size - slots])
+        popularity = self.catalog.popularity
+        limit = cfg.exploration_max_interactions
+        low = [j for j, item_id in enumerate(ids) if j not in head and popularity.get(item_id, 0) <= limit]
+        if not low:
+            return []
+        text = sum(text_parts) + parts.get("negative", 0.0)
+        low_scores = np.asarray(text)[low]
+        picked = np.argsort(-low_scores, kind="stable")[:slots]
+        return [low[int(p)] for p in picked]
 
     @staticmethod
     def _select(scores: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> list[int]:
@@ -203,10 +277,13 @@ class Retriever:
         profile: ProfileView,
         request: RecommendQuery,
         anchors: Optional[dict[str, dict[str, str]]] = None,
+        main: Optional[str] = None,
     ) -> str:
-        """A grounded explanation from the score part that contributed most."""
-        ranked = sorted(((v, k) for k, v in parts.items() if k != "negative"), reverse=True)
-        main = ranked[0][1] if ranked else "popularity"
+        """A grounded explanation from the score part that contributed most (or from `main`:
+        exploration slots are explained by the text match that chose them)."""
+        if main is None:
+            ranked = sorted(((v, k) for k, v in parts.items() if k != "negative"), reverse=True)
+            main = ranked[0][1] if ranked else "popularity"
         anchor_id = (anchors or {}).get(main, {}).get(item_id)
         if main in ("sequential", "collaborative") and anchor_id:
             entry = next((h for h in reversed(profile.recent) if h.item_id == anchor_id), None)
