@@ -1,14 +1,28 @@
 """Item metadata held by retrieval replicas: titles, tags, attributes, popularity, and the
-attribute filters evaluated over them."""
+attribute filters evaluated over them.
+
+Filters are evaluated on columns, not item by item: every item has a *row*; each attribute keeps
+(row, value code) pairs of its values (several for 'a|b|c') and a float column of its numeric
+value, all numpy arrays maintained on upsert and remove. A condition is then a few vector
+operations over the catalog (`any_of`: the pairs whose code is wanted; a range: two comparisons),
+and `matching_ids` returns the result as an `ItemSubset`, a boolean row mask that behaves like a
+set of ids and that indexes turn into their own slots without touching one id per item
+(`VectorIndex.search` with `allowed=` an `ItemSubset`). `condition_matches` is the reference
+semantics, one item at a time; the columns must agree with it (tests check both).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Set
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
 
 from tastemaker.domain import AttributeCondition, Item
 from tastemaker.errors import InvalidArgument
+from tastemaker.retrieval.index import ChangeJournal
 
 
 @dataclass
@@ -59,21 +73,241 @@ def validate_conditions(conditions: Sequence[AttributeCondition]) -> None:
             )
 
 
+def _grown(array: np.ndarray, size: int, fill) -> np.ndarray:
+    """`array` with room for at least `size` entries (1.5x steps), new entries set to `fill`."""
+    if size <= len(array):
+        return array
+    out = np.full(max(size, len(array) * 3 // 2 + 16), fill, dtype=array.dtype)
+    out[: len(array)] = array
+    return out
+
+
+class _AttributeColumn:
+    """One attribute over all rows: its values as (row, code) pairs and its numeric value.
+
+    A row's pairs are contiguous (`first[row]`, `count[row]`); removing or replacing a row marks
+    its pairs dead (row -1), and the pairs are compacted once half of them are dead."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}  # casefolded, trimmed value -> code
+        self.pair_row = np.zeros(0, dtype=np.int64)
+        self.pair_code = np.zeros(0, dtype=np.int64)
+        self.pairs = 0  # pairs in use (live or dead)
+        self.dead = 0
+        self.first = np.zeros(0, dtype=np.int64)
+        self.count = np.zeros(0, dtype=np.int32)
+        self.number = np.zeros(0, dtype=np.float64)  # NaN: missing or not a number
+        self.present = np.zeros(0, dtype=bool)
+        self._parsed: dict[str, tuple[list[int], float]] = {}
+
+    def reserve(self, rows: int) -> None:
+        self.first = _grown(self.first, rows, 0)
+        self.count = _grown(self.count, rows, 0)
+        self.number = _grown(self.number, rows, np.nan)
+        self.present = _grown(self.present, rows, False)
+
+    def clear(self, row: int) -> None:
+        if row >= len(self.present) or not self.present[row]:
+            return
+        n = int(self.count[row])
+        if n:
+            start = int(self.first[row])
+            self.pair_row[start : start + n] = -1
+            self.dead += n
+        self.count[row] = 0
+        self.number[row] = np.nan
+        self.present[row] = False
+        if self.dead > 1024 and self.dead * 2 > self.pairs:
+            self._compact()
+
+    def _parse(self, raw: str) -> tuple[list[int], float]:
+        """Codes of a raw value and its number (NaN if none); cached, since feeds repeat values."""
+        parsed = self._parsed.get(raw)
+        if parsed is None:
+            codes = [self.codes.setdefault(v.casefold(), len(self.codes)) for v in _attribute_values(raw)]
+            try:
+                number = float(raw)
+            except ValueError:
+                number = math.nan
+            if len(self._parsed) > 100_000:  # many distinct values (free text): keep the cache bounded
+                self._parsed.clear()
+            parsed = self._parsed[raw] = (codes, number)
+        return parsed
+
+    def set_many(self, rows: list[int], raws: list[str]) -> None:
+        """Give `rows` (distinct) the values `raws`; replaces what those rows held."""
+        if not rows:
+            return
+        row_array = np.asarray(rows, dtype=np.int64)
+        self.reserve(int(row_array.max()) + 1)
+        for row in row_array[self.present[row_array]].tolist():  # replacements: kill the old pairs
+            self.clear(row)
+        flat: list[int] = []
+        counts = np.empty(len(rows), dtype=np.int64)
+        numbers = np.empty(len(rows), dtype=np.float64)
+        for j, raw in enumerate(raws):
+            codes, numbers[j] = self._parse(raw)
+            flat.extend(codes)
+            counts[j] = len(codes)
+        start = self.pairs
+        end = start + len(flat)
+        self.pair_row = _grown(self.pair_row, end, -1)
+        self.pair_code = _grown(self.pair_code, end, -1)
+        self.pair_row[start:end] = np.repeat(row_array, counts)
+        self.pair_code[start:end] = flat
+        self.pairs = end
+        self.first[row_array] = start + np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.count[row_array] = counts
+        self.number[row_array] = numbers
+        self.present[row_array] = True
+
+    def _compact(self) -> None:
+        live = np.flatnonzero(self.pair_row[: self.pairs] >= 0)  # stays in row-contiguous runs
+        rows = self.pair_row[live]
+        self.pair_row, self.pair_code = rows.copy(), self.pair_code[live]
+        self.pairs, self.dead = len(live), 0
+        if len(live):
+            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+            self.first[rows[starts]] = starts
+
+    def evaluate(self, condition: AttributeCondition, rows: int) -> np.ndarray:
+        """`condition_matches` for every row below `rows`, as a boolean array."""
+        self.reserve(rows)
+        ok = self.present[:rows].copy()
+        if condition.any_of:
+            wanted = sorted({self.codes[c] for c in (v.casefold() for v in condition.any_of) if c in self.codes})
+            hit = np.zeros(rows, dtype=bool)
+            if wanted:
+                codes = self.pair_code[: self.pairs]
+                chosen = codes == wanted[0] if len(wanted) == 1 else np.isin(codes, wanted)
+                matched = self.pair_row[: self.pairs][chosen]
+                hit[matched[matched >= 0]] = True
+            ok &= hit
+        if condition.min_value is not None or condition.max_value is not None:
+            number = self.number[:rows]
+            with np.errstate(invalid="ignore"):
+                in_range = ~np.isnan(number)
+                if condition.min_value is not None:
+                    in_range &= number >= condition.min_value
+                if condition.max_value is not None:
+                    in_range &= number <= condition.max_value
+            ok &= in_range
+        return ~ok if condition.exclude else ok
+
+
+class ItemSubset(Set):
+    """Ids of a catalog as a boolean mask over its rows: a read-only set (`in`, iteration, `len`,
+    comparisons with sets) that indexes can apply as a mask. It describes the catalog at the time
+    it was made; use it within the request that made it."""
+
+    def __init__(self, catalog: "Catalog", mask: np.ndarray):
+        self.space = catalog
+        self.mask = mask
+        self._len: Optional[int] = None
+
+    def __contains__(self, item_id: object) -> bool:
+        row = self.space.row_index.get(item_id)  # type: ignore[arg-type]
+        return row is not None and row < len(self.mask) and bool(self.mask[row])
+
+    def __iter__(self) -> Iterator[str]:
+        row_ids = self.space.row_ids
+        for row in np.flatnonzero(self.mask).tolist():
+            item_id = row_ids[row]
+            if item_id is not None:
+                yield item_id
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = int(np.count_nonzero(self.mask))
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"ItemSubset({len(self)} of {len(self.space.items)} items)"
+
+
 class Catalog:
-    """Item metadata plus popularity; the vectors live in the index."""
+    """Item metadata plus popularity; the vectors live in the index. Rows number the items for
+    the filter columns (a removed item's row is reused); `changes` logs the ids whose row changed,
+    which an index follows to map its slots to rows."""
 
     def __init__(self) -> None:
         self.items: dict[str, ItemMeta] = {}
         self.popularity: dict[str, int] = {}
         self._popular_order: list[str] = []
         self._max_log_pop = 1.0
+        self.row_index: dict[str, int] = {}  # id -> row
+        self.row_ids: list[Optional[str]] = []  # row -> id; None = free
+        self._free_rows: list[int] = []
+        self._live = np.zeros(0, dtype=bool)
+        self._columns: dict[str, _AttributeColumn] = {}
+        self._pending: dict[int, dict[str, str]] = {}  # row -> attributes not yet in the columns
+        self.changes = ChangeJournal()
 
     def upsert(self, item: Item) -> None:
-        self.items[item.item_id] = ItemMeta(item.title, list(item.tags), dict(item.attributes))
+        """Insert or replace one item. The filter columns are written in batches: the change waits
+        in `_pending` until the next filter evaluation or removal (callers add items one by one)."""
+        item_id = item.item_id
+        self.items[item_id] = ItemMeta(item.title, list(item.tags), dict(item.attributes))
+        row = self.row_index.get(item_id)
+        if row is None:
+            if self._free_rows:
+                row = self._free_rows.pop()
+                self.row_ids[row] = item_id
+            else:
+                row = len(self.row_ids)
+                self.row_ids.append(item_id)
+            self.row_index[item_id] = row
+            self._live = _grown(self._live, row + 1, False)
+            self._live[row] = True
+            self.changes.record((item_id,), len(self.row_index))
+        self._pending[row] = item.attributes
         self._popular_order = []
 
+    def upsert_many(self, items: Sequence[Item]) -> None:
+        """Insert or replace items (a repeated id: the last wins)."""
+        for item in items:
+            self.upsert(item)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write pending upserts into the columns, one vector operation per column."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        per_column: dict[str, tuple[list[int], list[str]]] = {}
+        for row, attributes in pending.items():
+            for name, raw in attributes.items():
+                entry = per_column.get(name)
+                if entry is None:
+                    entry = per_column[name] = ([], [])
+                entry[0].append(row)
+                entry[1].append(raw)
+        rows = np.fromiter(pending.keys(), dtype=np.int64, count=len(pending))
+        for name, column in self._columns.items():  # a replacement may drop an attribute
+            column.reserve(len(self.row_ids))
+            had = rows[column.present[rows]]
+            if len(had):
+                keep = set(per_column.get(name, ((), ()))[0])
+                for row in had.tolist():
+                    if row not in keep:
+                        column.clear(row)
+        for name, (column_rows, raws) in per_column.items():
+            column = self._columns.get(name)
+            if column is None:
+                column = self._columns[name] = _AttributeColumn()
+            column.set_many(column_rows, raws)
+
     def remove(self, item_id: str) -> None:
+        self._flush()
         self.items.pop(item_id, None)
+        row = self.row_index.pop(item_id, None)
+        if row is not None:
+            for column in self._columns.values():
+                column.clear(row)
+            self._live[row] = False
+            self.row_ids[row] = None
+            self._free_rows.append(row)
+            self.changes.record([item_id], len(self.row_index))
         self._popular_order = []
 
     def set_popularity(self, counts: dict[str, int]) -> None:
@@ -93,12 +327,19 @@ class Catalog:
         self.popular_order()
         return math.log1p(self.popularity.get(item_id, 0)) / self._max_log_pop
 
-    def matching_ids(self, conditions: Sequence[AttributeCondition]) -> Optional[set[str]]:
-        """Ids passing every condition; None when there are no conditions (everything passes)."""
+    def matching_ids(self, conditions: Sequence[AttributeCondition]) -> Optional[ItemSubset]:
+        """Ids passing every condition (an `ItemSubset`); None when there are no conditions
+        (everything passes). Vectorised over the columns: no per-item Python work."""
         if not conditions:
             return None
-        return {
-            item_id
-            for item_id, meta in self.items.items()
-            if all(condition_matches(c, meta.attributes) for c in conditions)
-        }
+        self._flush()
+        rows = len(self.row_ids)
+        mask = self._live[:rows].copy()
+        for condition in conditions:
+            column = self._columns.get(condition.attribute)
+            if column is None:  # no item has it: nothing matches, unless excluded
+                if not condition.exclude:
+                    mask[:] = False
+                continue
+            mask &= column.evaluate(condition, rows)
+        return ItemSubset(self, mask)

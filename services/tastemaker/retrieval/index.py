@@ -85,6 +85,57 @@ def dot_rows(rows: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", rows, q)
 
 
+class ChangeJournal:
+    """Keys changed since a reader last looked: an append-only log of batches that readers follow
+    with a cursor (epoch, batches read). The log is bounded: once it holds more keys than
+    `limit(live count)` it starts over in a new epoch, and a reader with an older cursor is told to
+    rebuild whatever it derived (`since` returns None)."""
+
+    def __init__(self) -> None:
+        self._batches: list[Any] = []
+        self._keys = 0
+        self._epoch = 0
+
+    def record(self, keys: Any, live: int) -> None:
+        """Log a batch of changed keys (a list or an array); `live` = the owner's current size."""
+        self._batches.append(keys)
+        self._keys += len(keys)
+        if self._keys > max(65_536, live // 4):
+            self._batches, self._keys, self._epoch = [], 0, self._epoch + 1
+
+    def cursor(self) -> tuple[int, int]:
+        """Where a reader stands after reading everything logged so far."""
+        return self._epoch, len(self._batches)
+
+    def since(self, cursor: tuple[int, int]) -> Optional[list[Any]]:
+        """Batches logged after `cursor`, or None when they are gone (start over)."""
+        epoch, read = cursor
+        return None if epoch != self._epoch else self._batches[read:]
+
+
+class RowSubset(Protocol):
+    """A subset of a catalog's items as a boolean mask over the catalog's rows (what
+    `Catalog.matching_ids` returns). Indexes use `space` to turn it into slots without touching
+    one id string per item."""
+
+    space: "RowSpace"
+    mask: np.ndarray
+
+    def __contains__(self, item_id: object) -> bool: ...
+
+    def __iter__(self) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
+class RowSpace(Protocol):
+    """Numbers item ids with rows and logs which ids changed row (the catalog)."""
+
+    changes: ChangeJournal
+    #: id -> row of every live id.
+    row_index: dict[str, int]
+
+
 def _as_query(query: np.ndarray, dimension: int) -> np.ndarray:
     q = np.asarray(query, dtype=np.float32).reshape(-1)
     if q.shape[0] != dimension:
@@ -110,6 +161,9 @@ class _SlotIndex:
         self._slot_of: dict[str, int] = {}
         self._free: list[int] = []  # free slots below len(self._ids), reused first
         self._lock = threading.RLock()
+        #: Slots whose id changed (upserted into or freed), for the slot -> catalog row map.
+        self.changes = ChangeJournal()
+        self._row_map: Optional[tuple[Any, np.ndarray, tuple[int, int], tuple[int, int]]] = None
 
     # -- size and lookups ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -165,6 +219,8 @@ class _SlotIndex:
                     self._ids[slot] = ids[row]
                     self._slot_of[ids[row]] = slot
             self._matrix[slots] = matrix
+            if new_rows:
+                self.changes.record(slots[~replaced], len(self._slot_of))
             self._after_upsert(slots, replaced, matrix)
 
     def remove(self, ids: Sequence[str]) -> None:
@@ -176,7 +232,9 @@ class _SlotIndex:
                 self._ids[slot] = None
                 self._matrix[slot] = 0.0
             self._free.extend(slots)
-            self._after_remove(np.asarray(slots, dtype=np.int64))
+            freed = np.asarray(slots, dtype=np.int64)
+            self.changes.record(freed, len(self._slot_of))
+            self._after_remove(freed)
 
     def _reserve(self, rows: int) -> None:
         """Grow the matrix to at least `rows` rows; 1.5x steps amortise copies without doubling a
@@ -217,7 +275,15 @@ class _SlotIndex:
                 else np.zeros(0, dtype=np.int64)
             )
             allowed_slots = None
-            if allowed is not None:
+            if allowed is not None and hasattr(allowed, "space"):  # a catalog row mask
+                qualifies = self._subset_slots(allowed)
+                if len(excluded_slots):
+                    qualifies[excluded_slots] = False
+                allowed_slots = np.flatnonzero(qualifies)
+                if not len(allowed_slots):
+                    return []
+                qualifying = len(allowed_slots)
+            elif allowed is not None:
                 if excluded:
                     allowed_slots = [slot_of[i] for i in allowed if i in slot_of and i not in excluded]
                 else:
@@ -235,6 +301,45 @@ class _SlotIndex:
             slots, scores = self._search_slots(q, k, allowed_slots, excluded_slots)
             ids = self._ids
             return [(ids[s], float(v)) for s, v in zip(slots.tolist(), scores.tolist())]
+
+    def slot_rows(self, space: RowSpace) -> np.ndarray:
+        """Catalog row of every slot (-1: free, or not in the catalog), kept in step through both
+        change journals: after the first call (one dict lookup per item) a call costs one lookup
+        per id changed since. Safe to call from a build thread to have it ready before a swap."""
+        with self._lock:
+            high = len(self._ids)
+            cached = self._row_map
+            slot_batches = id_batches = None
+            if cached is not None and cached[0] is space:
+                slot_batches = self.changes.since(cached[2])
+                id_batches = space.changes.since(cached[3])
+            if slot_batches is None or id_batches is None:
+                get = space.row_index.get
+                rows = np.fromiter((-1 if i is None else get(i, -1) for i in self._ids), dtype=np.int64, count=high)
+            else:
+                rows = cached[1]
+                if len(rows) < high:
+                    rows = np.concatenate([rows, np.full(max(high, len(rows) * 3 // 2) - len(rows), -1, dtype=np.int64)])
+                ids, slot_of, get = self._ids, self._slot_of, space.row_index.get
+                for batch in slot_batches:
+                    for slot in np.unique(np.asarray(batch)).tolist():
+                        item_id = ids[slot] if slot < high else None
+                        rows[slot] = -1 if item_id is None else get(item_id, -1)
+                for batch in id_batches:
+                    for item_id in batch:
+                        slot = slot_of.get(item_id)
+                        if slot is not None:
+                            rows[slot] = get(item_id, -1)
+            self._row_map = (space, rows, self.changes.cursor(), space.changes.cursor())
+            return rows[:high]
+
+    def _subset_slots(self, subset: RowSubset) -> np.ndarray:
+        """Boolean per slot: does the slot's item belong to `subset`?"""
+        rows = self.slot_rows(subset.space)
+        # One gather: row -1 (no row) reads the False in front, rows past the mask (items added
+        # after the subset was made) clip to the False behind.
+        padded = np.concatenate([[False], subset.mask, [False]])
+        return np.take(padded, rows + 1, mode="clip")
 
     def _search_slots(
         self, q: np.ndarray, k: int, allowed_slots: Optional[np.ndarray], excluded_slots: np.ndarray
