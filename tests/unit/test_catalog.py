@@ -129,3 +129,20 @@ def test_index_search_with_a_subset_equals_search_with_the_same_set(make):
             upsert([f"i{j}" for j in range(3_000, 3_100)])
             catalog.changes.record(["filler"] * 70_000, len(catalog.row_index))
             assert catalog.changes.since(index._row_map[3]) is None
+
+
+def test_popular_order_matches_the_sorted_reference_and_sorts_the_tail_only_when_reached():
+    rng = np.random.default_rng(3)
+    catalog = Catalog()
+    catalog.upsert_many([Item(item_id=f"i{j:04d}"[::-1], title="") for j in range(3_000)])  # ids not in row order
+    counts = {f"i{j:04d}"[::-1]: int(rng.integers(1, 6)) for j in rng.choice(3_000, 400, replace=False)}
+    counts["gone"] = 99  # not in the catalog: ignored
+    catalog.set_popularity(counts)
+    reference = sorted(catalog.items, key=lambda i: (-counts.get(i, 0), i))
+    order = catalog.popular_order()
+    head = [i for _, i in zip(range(50), order)]
+    assert head == reference[:50] and order._all is None  # stopping early never sorted the rest
+    assert list(order) == reference and order == reference and len(order) == 3_000
+    assert catalog.popularity_score(reference[0]) == pytest.approx(1.0)
+    catalog.remove(reference[0])
+    assert catalog.popular_order() == reference[1:]

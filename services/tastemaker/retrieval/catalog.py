@@ -225,6 +225,47 @@ class ItemSubset(Set):
         return f"ItemSubset({len(self)} of {len(self.space.items)} items)"
 
 
+class PopularOrder(Sequence):
+    """Live ids, most popular first, ties by id. Built lazily for large catalogs: the ids with
+    interactions are ordered when it is made (numpy sort, no per-item key function); the rest, in
+    id order, only when an iteration gets that far (a cold catalog, or a strict filter), since
+    sorting a million ids costs seconds and callers mostly stop after a few dozen."""
+
+    def __init__(self, items: dict[str, "ItemMeta"], popularity: dict[str, int]):
+        self._items = items
+        popular = [i for i, count in popularity.items() if count > 0 and i in items]
+        self._head: list[str] = []
+        self.top_count = 0
+        if popular:
+            counts = np.fromiter((popularity[i] for i in popular), dtype=np.int64, count=len(popular))
+            order = np.lexsort((np.array(popular), -counts))
+            self._head = [popular[j] for j in order.tolist()]
+            self.top_count = int(counts.max())
+        self._all: Optional[list[str]] = None
+
+    def _everything(self) -> list[str]:
+        if self._all is None:
+            head = set(self._head)
+            self._all = self._head + sorted(i for i in self._items if i not in head)
+        return self._all
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._head
+        yield from self._everything()[len(self._head) :]
+
+    def __len__(self) -> int:
+        return len(self._everything())
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._everything()[index]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (list, tuple, PopularOrder)) and self._everything() == list(other)
+
+    def __repr__(self) -> str:
+        return f"PopularOrder({len(self._head)} with interactions, then the rest by id)"
+
+
 class Catalog:
     """Item metadata plus popularity; the vectors live in the index. Rows number the items for
     the filter columns (a removed item's row is reused); `changes` logs the ids whose row changed,
@@ -233,7 +274,7 @@ class Catalog:
     def __init__(self) -> None:
         self.items: dict[str, ItemMeta] = {}
         self.popularity: dict[str, int] = {}
-        self._popular_order: list[str] = []
+        self._popular_order: Optional[PopularOrder] = None
         self._max_log_pop = 1.0
         self.row_index: dict[str, int] = {}  # id -> row
         self.row_ids: list[Optional[str]] = []  # row -> id; None = free
@@ -261,7 +302,7 @@ class Catalog:
             self._live[row] = True
             self.changes.record((item_id,), len(self.row_index))
         self._pending[row] = item.attributes
-        self._popular_order = []
+        self._popular_order = None
 
     def upsert_many(self, items: Sequence[Item]) -> None:
         """Insert or replace items (a repeated id: the last wins)."""
@@ -308,18 +349,17 @@ class Catalog:
             self.row_ids[row] = None
             self._free_rows.append(row)
             self.changes.record([item_id], len(self.row_index))
-        self._popular_order = []
+        self._popular_order = None
 
     def set_popularity(self, counts: dict[str, int]) -> None:
         self.popularity = dict(counts)
-        self._popular_order = []
+        self._popular_order = None
 
-    def popular_order(self) -> list[str]:
-        """All live items, most popular first; ties by id for determinism."""
-        if not self._popular_order:
-            self._popular_order = sorted(self.items, key=lambda i: (-self.popularity.get(i, 0), i))
-            top = self.popularity.get(self._popular_order[0], 0) if self._popular_order else 0
-            self._max_log_pop = max(1.0, math.log1p(top))
+    def popular_order(self) -> PopularOrder:
+        """All live items, most popular first; ties by id for determinism (a lazy sequence)."""
+        if self._popular_order is None:
+            self._popular_order = PopularOrder(self.items, self.popularity)
+            self._max_log_pop = max(1.0, math.log1p(self._popular_order.top_count))
         return self._popular_order
 
     def popularity_score(self, item_id: str) -> float:
