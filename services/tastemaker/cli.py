@@ -1,4 +1,4 @@
-"""The `tastemaker` command line: serve, recommend, similar, profile, load, fit, bench."""
+"""The `tastemaker` command line: serve, recommend, similar, profile, load, encode, fit, bench."""
 
 from __future__ import annotations
 
@@ -150,8 +150,19 @@ def cmd_load(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.kind == "items":
             items = items_from_jsonl(Path(args.file))
-            with tqdm(total=len(items), desc="encoding items", unit="item") as bar:
-                written = client.upsert_items(items, progress=bar)
+            vector_model, desc = "", "encoding items"
+            if args.vectors:  # vectors computed off-line by `tastemaker encode`: the service skips encoding them
+                from tastemaker.encoder.bulk import attach_vectors, read_vectors
+
+                vectors = read_vectors(args.vectors)
+                attached, left = attach_vectors(items, vectors)
+                vector_model, desc = vectors.model_identity, "upserting items"
+                print(
+                    f"{attached} items carry precomputed vectors ({vectors.model_identity}); {left} are "
+                    "encoded by the service (not in the vectors folder, or their text changed since)"
+                )
+            with tqdm(total=len(items), desc=desc, unit="item") as bar:
+                written = client.upsert_items(items, progress=bar, vector_model=vector_model)
             print(f"upserted {written} items")
         elif args.kind == "events":
             events = events_from_jsonl(Path(args.file))
@@ -164,11 +175,39 @@ def cmd_load(args: argparse.Namespace) -> int:
             for ack in rejected[:10]:
                 print(f"  rejected {ack.event_id}: {ack.reason}")
             return 1 if rejected else 0
+        elif args.vectors:
+            raise TastemakerError("--vectors applies to `load items` only")
         else:  # movielens
             from tastemaker.datasets.movielens import load_movielens
 
             items, events = load_dataset(client, load_movielens(args.file))
             print(f"loaded {items} items and {events} rating events")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Encode an items file off-line as a Ray Data job: Parquet vectors + manifest for `load --vectors`."""
+    from tastemaker.config import load_config
+    from tastemaker.encoder.bulk import run_bulk_encode
+
+    config = load_config(
+        args.config,
+        overrides={
+            ("server", "ray_address"): args.ray_address,
+            ("bulk_encode", "concurrency"): args.concurrency,
+            ("bulk_encode", "max_concurrency"): args.max_concurrency,
+            ("bulk_encode", "batch_size"): args.batch_size,
+            ("bulk_encode", "num_cpus"): args.num_cpus,
+            ("bulk_encode", "num_gpus"): args.num_gpus,
+        },
+    )
+    result = run_bulk_encode(args.file, args.out, config, overwrite=args.overwrite, show_progress=not args.quiet)
+    m = result.manifest
+    print(
+        f"encoded {m['count']} items ({m['dimension']}-d, {m['model_identity']}) in {m['seconds']:.1f} s "
+        f"({m['texts_per_s']} items/s, {m['job']['concurrency']} actor(s)) -> {result.out_dir}\n"
+        f"load them with: tastemaker load items {args.file} --vectors {result.out_dir}"
+    )
     return 0
 
 
@@ -295,8 +334,29 @@ def build_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="load items or events from a JSON Lines file, or a MovieLens folder")
     load.add_argument("kind", choices=["items", "events", "movielens"])
     load.add_argument("file")
+    load.add_argument(
+        "--vectors", metavar="DIR",
+        help="items: attach the vectors `tastemaker encode` wrote to DIR (matched by item_id and text), so the "
+        "service does not encode those items; it refuses vectors of another model",
+    )
     client_args(load)
     load.set_defaults(func=cmd_load)
+
+    enc = sub.add_parser(
+        "encode", help="encode an items file off-line as a Ray Data job (vectors for `load items --vectors`)"
+    )
+    enc.add_argument("file", help="items JSON Lines file (the format of `load items`)")
+    enc.add_argument("--out", required=True, metavar="DIR", help="output folder: Parquet vectors + manifest.json")
+    enc.add_argument("--config", help="service YAML: the encoder section (model, backend) and bulk_encode")
+    enc.add_argument("--ray-address", help="run on this Ray cluster (default: a local Ray); paths must be shared")
+    enc.add_argument("--concurrency", type=int, help="encoder actors (bulk_encode.concurrency, default 1)")
+    enc.add_argument("--max-concurrency", type=int, help="autoscale the actors up to this many")
+    enc.add_argument("--batch-size", type=int, help="items per batch (bulk_encode.batch_size, default 256)")
+    enc.add_argument("--num-cpus", type=float, help="CPUs per actor (default 1)")
+    enc.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
+    enc.add_argument("--overwrite", action="store_true", help="replace a previous output in --out")
+    enc.add_argument("--quiet", action="store_true", help="no progress bars")
+    enc.set_defaults(func=cmd_encode)
 
     fit = sub.add_parser("fit", help="fit collaborative/sequential models from the event log (hot-reloaded)")
     fit.add_argument("--config", help="YAML config file")

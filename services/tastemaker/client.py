@@ -73,12 +73,17 @@ class TastemakerClient:
         self.channel.close()
 
     # -- catalog --------------------------------------------------------------------------
-    def upsert_items(self, items: Sequence[pb.Item], batch_size: int = 256, progress=None) -> int:
-        """Upsert in batches; `progress` (e.g. a tqdm bar) is advanced per item."""
+    def upsert_items(
+        self, items: Sequence[pb.Item], batch_size: int = 256, progress=None, vector_model: str = ""
+    ) -> int:
+        """Upsert in batches; `progress` (e.g. a tqdm bar) is advanced per item. Items that carry a
+        precomputed `vector` need `vector_model`, the identity of the model that computed it
+        (`tastemaker.encoder.bulk.read_vectors(...).model_identity`)."""
         written = 0
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            written += self.stub.UpsertItems(pb.UpsertItemsRequest(items=batch), timeout=self.timeout_s).upserted_count
+            request = pb.UpsertItemsRequest(items=batch, vector_model=vector_model)
+            written += self.stub.UpsertItems(request, timeout=self.timeout_s).upserted_count
             if progress is not None:
                 progress.update(len(batch))
         return written

@@ -234,6 +234,29 @@ class GatewayConfig(_Strict):
     )
 
 
+class BulkEncodeConfig(_Strict):
+    """`tastemaker encode`: a whole catalog encoded offline as a Ray Data job (actors that each
+    hold one encoder backend built from the `encoder` section), written as Parquet vectors that
+    `tastemaker load items FILE --vectors DIR` attaches to the upserts."""
+
+    concurrency: int = Field(1, ge=1, description="Encoder actors of the job (the initial count with max_concurrency).")
+    max_concurrency: Optional[int] = Field(
+        None, ge=1, description="Autoscale the actor pool between concurrency and this; None = a fixed pool."
+    )
+    batch_size: int = Field(256, ge=1, le=65_536, description="Items per map_batches call (one backend.encode each).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per encoder actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per encoder actor; 0 in CPU configs.")
+    read_blocks: Optional[int] = Field(
+        None, ge=1, description="Blocks the items file is split into; None = Ray Data decides."
+    )
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.max_concurrency is not None and self.max_concurrency < self.concurrency:
+            raise ValueError(
+                f"bulk_encode.max_concurrency ({self.max_concurrency}) < bulk_encode.concurrency ({self.concurrency})"
+            )
+
+
 class ServerConfig(_Strict):
     """Where the service listens and which Ray cluster it uses."""
 
@@ -256,6 +279,7 @@ class ServiceConfig(_Strict):
     profiles: ProfileConfig = Field(default_factory=ProfileConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    bulk_encode: BulkEncodeConfig = Field(default_factory=BulkEncodeConfig)
 
     def store_url(self) -> str:
         """The store URL, defaulting to a SQLite file in the data directory."""

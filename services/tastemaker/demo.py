@@ -69,23 +69,28 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
             yield record
 
 
+#: The fields of a line of an items file.
+ITEM_FIELDS = ("item_id", "title", "description", "tags", "attributes")
+
+
+def item_from_record(record: dict, where: str) -> pb.Item:
+    """One line of an items file as a message; `where` (file, line) goes into the error. Shared
+    by `load items` and the bulk encoder (`tastemaker encode`), so both read a file the same way."""
+    unknown = set(record) - set(ITEM_FIELDS)
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown item fields {sorted(unknown)}")
+    return pb.Item(
+        item_id=str(record.get("item_id", "")),
+        title=record.get("title", ""),
+        description=record.get("description", ""),
+        tags=list(record.get("tags", [])),
+        attributes={str(k): str(v) for k, v in record.get("attributes", {}).items()},
+    )
+
+
 def items_from_jsonl(path: Path) -> list[pb.Item]:
     """Items file: one JSON object per line with item_id, title, description, tags, attributes."""
-    out = []
-    for record in _read_jsonl(path):
-        unknown = set(record) - {"item_id", "title", "description", "tags", "attributes"}
-        if unknown:
-            raise InvalidArgument(f"{path}: unknown item fields {sorted(unknown)}")
-        out.append(
-            pb.Item(
-                item_id=str(record.get("item_id", "")),
-                title=record.get("title", ""),
-                description=record.get("description", ""),
-                tags=list(record.get("tags", [])),
-                attributes={str(k): str(v) for k, v in record.get("attributes", {}).items()},
-            )
-        )
-    return out
+    return [item_from_record(record, str(path)) for record in _read_jsonl(path)]
 
 
 def _event_time(value) -> Optional[float]:

@@ -22,6 +22,7 @@ from ray import serve
 
 from tastemaker.config import EncoderConfig
 from tastemaker.encoder.base import EncoderBackend, create_backend
+from tastemaker.encoder.identity import model_identity
 
 #: Keys `reconfigure` accepts, with their checks (the same bounds as `EncoderConfig`).
 HOT_RELOADABLE = {
@@ -104,6 +105,7 @@ class EncoderDeployment:
         self.backend = (backend_factory or create_backend)(config)
         self.backend.start()  # the replica is not ready until this returns: health follows warmth
         self.batch_stats = BatchStats()
+        self._model_identity: Optional[str] = None  # hashed on first use (~0.2 s for MiniLM)
         # Built per instance (not as a class decorator) so max_concurrent_batches comes from config.
         self._encode_batch = serve.batch(
             max_batch_size=config.max_batch_size,
@@ -158,6 +160,13 @@ class EncoderDeployment:
 
     def dimension(self) -> int:
         return self.backend.dimension
+
+    def model_identity(self) -> str:
+        """Which model this replica encodes with (`tastemaker.encoder.identity`); the gateway
+        accepts precomputed item vectors only from the same model."""
+        if self._model_identity is None:
+            self._model_identity = model_identity(self.config)
+        return self._model_identity
 
     def stats(self) -> dict[str, Any]:
         """Batch counters since start (batches, texts, mean and largest batch, recent sizes)."""

@@ -6,6 +6,8 @@ import math
 import time
 from typing import Optional
 
+import numpy as np
+
 from tastemaker.config import GatewayConfig
 from tastemaker.domain import (
     ITEM_EVENT_TYPES,
@@ -20,7 +22,8 @@ from tastemaker.domain import (
     UserEvent,
     UserProfileSummary,
 )
-from tastemaker.errors import InvalidArgument
+from tastemaker.encoder.identity import same_model
+from tastemaker.errors import FailedPrecondition, InvalidArgument
 from tastemaker.retrieval.catalog import validate_conditions
 from tastemaker.v1 import recommender_service_pb2 as pb
 
@@ -43,8 +46,37 @@ def _seconds(ts) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
+def domain_item(message: pb.Item) -> Item:
+    """The domain item of a message, text fields stripped exactly as the service stores them (no
+    validation, no vector). `domain_item(m).text()` is the text the encoder sees, which is what
+    `tastemaker encode` encodes and what `tastemaker load --vectors` matches vectors by."""
+    return Item(
+        item_id=message.item_id,
+        title=message.title.strip(),
+        description=message.description.strip(),
+        tags=[t.strip() for t in message.tags if t.strip()],
+        attributes=dict(message.attributes),
+    )
+
+
+def item_vector_from_pb(message: pb.Item) -> Optional[np.ndarray]:
+    """The item's precomputed vector, L2-normalised float32, or None when it carries none.
+
+    Values must be finite and not all zero; the dimension and the model are checked against the
+    running encoder by `check_supplied_vectors`."""
+    if not message.vector:
+        return None
+    vector = np.asarray(message.vector, dtype=np.float32)
+    if not np.all(np.isfinite(vector)):
+        raise InvalidArgument(f"item {message.item_id!r}: vector has non-finite values (NaN or infinity)")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0:
+        raise InvalidArgument(f"item {message.item_id!r}: vector is all zeros; give a non-zero vector or none")
+    return vector / norm
+
+
 def item_from_pb(message: pb.Item, config: GatewayConfig) -> Item:
-    """Validate and convert one item."""
+    """Validate and convert one item (with its precomputed vector, if it carries one)."""
     item_id = check_id("item_id", message.item_id, config)
     if not (message.title.strip() or message.description.strip() or any(t.strip() for t in message.tags)):
         raise InvalidArgument(f"item {item_id!r} has no text: give at least a title, description or tag")
@@ -53,13 +85,9 @@ def item_from_pb(message: pb.Item, config: GatewayConfig) -> Item:
         raise InvalidArgument(
             f"item {item_id!r} has {total} characters of text; at most {config.max_text_chars * 4} allowed"
         )
-    return Item(
-        item_id=item_id,
-        title=message.title.strip(),
-        description=message.description.strip(),
-        tags=[t.strip() for t in message.tags if t.strip()],
-        attributes=dict(message.attributes),
-    )
+    item = domain_item(message)
+    item.vector = item_vector_from_pb(message)
+    return item
 
 
 def item_to_pb(item: Item) -> pb.Item:
@@ -83,8 +111,36 @@ def items_from_request(request: pb.UpsertItemsRequest, config: GatewayConfig) ->
             f"UpsertItems got {len(request.items)} items; at most {config.max_items_per_request} per call"
         )
     items = [item_from_pb(m, config) for m in request.items]
+    if not request.vector_model and any(item.vector is not None for item in items):
+        raise InvalidArgument(
+            "items carry precomputed vectors but vector_model is empty: set it to the model_identity "
+            "of the encoder that computed them (the manifest of `tastemaker encode` has it)"
+        )
     # The same id twice in one call: the last one wins, as if sent in two calls.
     return list({item.item_id: item for item in items}.values())
+
+
+def check_supplied_vectors(items: list[Item], vector_model: str, dimension: int, encoder_model: str) -> None:
+    """Precomputed vectors must come from the running encoder's model (`same_model`: same files,
+    pooling and max length, wherever the folder is) and have its dimension.
+
+    A different model is FAILED_PRECONDITION (the request is well formed, but its vectors belong
+    to another vector space than this service's: re-encode with the service's encoder config, or
+    send the items without vectors); a wrong length is INVALID_ARGUMENT."""
+    supplied = [item for item in items if item.vector is not None]
+    if not supplied:
+        return
+    if not same_model(vector_model, encoder_model):
+        raise FailedPrecondition(
+            f"the items' vectors were computed by model {vector_model!r}, but this service encodes with "
+            f"{encoder_model!r}: re-run `tastemaker encode` with the service's encoder config, or load the "
+            "items without --vectors (the service then encodes them)"
+        )
+    for item in supplied:
+        if item.vector.shape != (dimension,):
+            raise InvalidArgument(
+                f"item {item.item_id!r}: vector has {item.vector.size} values; the encoder's dimension is {dimension}"
+            )
 
 
 def event_from_pb(message: pb.UserEvent, config: GatewayConfig, now: float) -> UserEvent:

@@ -82,6 +82,16 @@ class GatewayDeployment:
         self.shards = ShardRouter(settings.app_name, settings.namespace, settings.store_url, settings.profiles)
         self.shards.wait_ready()
         self._anchors = None  # praise/complaint vectors, encoded on first use
+        self._encoder_model: Optional[tuple[int, str]] = None  # (dimension, model identity), asked on first use
+
+    async def _encoder_identity(self) -> tuple[int, str]:
+        """(dimension, model identity) of the encoder, asked once: both are fixed for a deployment."""
+        if self._encoder_model is None:
+            dimension, identity = await asyncio.gather(
+                self.encoder.dimension.remote(), self.encoder.model_identity.remote()
+            )
+            self._encoder_model = (int(dimension), str(identity))
+        return self._encoder_model
 
     async def _sentiment_anchors(self):
         if self._anchors is None:
@@ -92,9 +102,14 @@ class GatewayDeployment:
     @_mapped(pb.UpsertItemsResponse)
     async def UpsertItems(self, request: pb.UpsertItemsRequest) -> pb.UpsertItemsResponse:
         items = convert.items_from_request(request, self.config)
-        vectors = await self.encoder.encode.remote([item.text() for item in items])
-        for item, vector in zip(items, vectors):
-            item.vector = vector
+        if any(item.vector is not None for item in items):  # vectors computed off-line (`tastemaker encode`)
+            dimension, encoder_model = await self._encoder_identity()
+            convert.check_supplied_vectors(items, request.vector_model, dimension, encoder_model)
+        to_encode = [item for item in items if item.vector is None]
+        if to_encode:
+            vectors = await self.encoder.encode.remote([item.text() for item in to_encode])
+            for item, vector in zip(to_encode, vectors):
+                item.vector = vector
         written = await asyncio.to_thread(self.store.upsert_items, items)
         await self.shards.call_all("forget_items", [i.item_id for i in items])
         return pb.UpsertItemsResponse(upserted_count=written)

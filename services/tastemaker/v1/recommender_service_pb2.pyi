@@ -64,7 +64,7 @@ CANDIDATE_SOURCE_COLLABORATIVE: CandidateSource
 CANDIDATE_SOURCE_TRENDING: CandidateSource
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "title", "description", "tags", "attributes", "update_time")
+    __slots__ = ("item_id", "title", "description", "tags", "attributes", "update_time", "vector")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,19 +78,23 @@ class Item(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     title: str
     description: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     attributes: _containers.ScalarMap[str, str]
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class UpsertItemsRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "vector_model")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_MODEL_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    vector_model: str
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., vector_model: _Optional[str] = ...) -> None: ...
 
 class UpsertItemsResponse(_message.Message):
     __slots__ = ("upserted_count",)
