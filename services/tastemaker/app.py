@@ -105,11 +105,74 @@ def deploy(config: ServiceConfig) -> None:
     serve.run(build_app(config), name=config.server.app_name, route_prefix="/", blocking=False)
 
 
-def start_service(config: ServiceConfig) -> None:
-    """Ray + Serve + the application, then wait until health says SERVING."""
+def start_service(config: ServiceConfig, show_progress: bool = False) -> None:
+    """Ray + Serve + the application; re-encode the stored vectors if the encoder model changed;
+    then wait until health says SERVING."""
     start_ray_and_serve(config)
     deploy(config)
+    swap_encoder_if_changed(config, show_progress=show_progress)
     wait_serving(f"{config.server.host}:{config.server.grpc_port}")
+
+
+def swap_encoder_if_changed(config: ServiceConfig, show_progress: bool = False, batch_size: int = 256) -> dict:
+    """If the stored vectors were made by another encoder model than the configured one:
+    re-encode every item and review/search text through the running encoder pool (new item
+    vectors reach the retrieval replicas through the change feed), rebuild every profile shard
+    from the event log, and record the new model's identity. Health stays NOT_SERVING meanwhile
+    (the shards report unavailable while the store marks the swap pending); an interrupted swap
+    is redone at the next start. Returns what was done."""
+    import ray
+    from ray import serve
+    from tqdm import tqdm
+
+    from tastemaker.profiles.actor import shard_actor_name
+    from tastemaker.reencode import count_text_events, encoder_identity, reencode_event_texts, reencode_items, same_vectors
+    from tastemaker.store import open_store
+    from tastemaker.store.base import ENCODER_IDENTITY_KEY, ENCODER_SWAP_PENDING_KEY
+
+    identity = encoder_identity(config.encoder)
+    store = open_store(config.store_url())
+    try:
+        recorded = store.get_meta(ENCODER_IDENTITY_KEY)
+        pending = store.get_meta(ENCODER_SWAP_PENDING_KEY)
+        if same_vectors(recorded, identity) and pending is None:
+            return {"swapped": False}
+        if store.count_items() == 0 and count_text_events(store) == 0 and pending is None:
+            store.set_meta(ENCODER_IDENTITY_KEY, identity)  # nothing encoded yet: just remember the model
+            return {"swapped": False, "recorded": identity}
+        store.set_meta(ENCODER_SWAP_PENDING_KEY, identity)
+        logger.warning("the encoder model changed (%s -> %s): re-encoding the catalog and rebuilding profiles", recorded, identity)
+        encoder = serve.get_deployment_handle("Encoder", app_name=config.server.app_name)
+
+        def submit(texts: list[str]):
+            response = encoder.encode.remote(texts)
+            return response.result
+
+        started = time.monotonic()
+        with tqdm(total=store.count_items(), desc="re-encoding items (new encoder)", unit="item", disable=not show_progress) as bar:
+            items = reencode_items(store, submit, batch_size=batch_size, progress=bar.update)
+        with tqdm(total=count_text_events(store), desc="re-encoding review/search texts", unit="text", disable=not show_progress) as bar:
+            texts = reencode_event_texts(store, submit, batch_size=batch_size, progress=bar.update)
+        shards = [
+            ray.get_actor(shard_actor_name(config.server.app_name, shard), namespace=config.server.namespace)
+            for shard in range(config.profiles.num_shards)
+        ]
+        replayed = sum(ray.get([actor.rebuild.remote() for actor in shards]))
+        store.set_meta(ENCODER_IDENTITY_KEY, identity)
+        store.set_meta(ENCODER_SWAP_PENDING_KEY, None)
+        done = {
+            "swapped": True,
+            "previous": recorded,
+            "identity": identity,
+            **items,
+            "texts": texts,
+            "events_replayed": replayed,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        logger.warning("encoder swap done: %s", done)
+        return done
+    finally:
+        store.close()
 
 
 def wait_serving(target: str, timeout_s: float = 600.0) -> None:

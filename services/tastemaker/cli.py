@@ -1,4 +1,4 @@
-"""The `tastemaker` command line: serve, recommend, similar, profile, load, encode, fit, bench."""
+"""The `tastemaker` command line: serve, recommend, similar, profile, load, encode, fit, eval, train, bench."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        start_service(config)
+        start_service(config, show_progress=not args.quiet)  # progress: re-encoding after a model change
         if load_demo:
             data = load_movielens(args.demo_path)
             if args.demo_items:
@@ -266,6 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tuning_users=args.tuning_users or None,
         show_progress=not args.quiet,
         service=load_config(args.config),
+        compare_encoder=args.compare_encoder,
     )
     try:
         report = run_evaluation(config)
@@ -277,6 +278,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, goal in report.get("goals", {}).items():
         print(f"goal {name}: {goal['criterion']}: {'met' if goal['met'] else 'NOT met'}")
     print(f"\nreport: {Path(args.out) / 'report.md'} (and report.json, plots, per-user CSVs)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune the encoder on an interaction log with Ray Train; writes a model folder that
+    `encoder.model_path` loads (the service re-encodes its catalog on the next start)."""
+    from tastemaker.training import TrainConfig, train_encoder
+
+    given = {
+        "dataset": args.dataset,
+        "items_path": args.items,
+        "max_items": args.max_items,
+        "max_users": args.max_users,
+        "holdout": None if args.holdout is None else tuple(v.strip() for v in args.holdout.split(",") if v.strip() and v.strip() != "none"),
+        "max_pairs": args.max_pairs,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "temperature": args.temperature,
+        "max_history_items": args.max_history_items,
+        "num_workers": args.workers,
+        "cpus_per_worker": args.cpus_per_worker,
+        "use_gpu": args.use_gpu or None,
+        "base_model_path": args.base_model,
+        "seed": args.seed,
+        "ray_address": args.ray_address,
+    }
+    try:
+        config = TrainConfig.model_validate({k: v for k, v in given.items() if v is not None})
+    except Exception as exc:  # pydantic lists every bad field
+        raise TastemakerError(f"invalid training options: {exc}") from exc
+    try:
+        manifest = train_encoder(config, Path(args.out), show_progress=not args.quiet)
+    except ValueError as exc:
+        raise TastemakerError(str(exc)) from exc
+    print(
+        f"trained {manifest['steps']} steps on {manifest['data']['train_pairs']} pairs in {manifest['seconds']:.0f}s: "
+        f"final loss {manifest['final_loss']:.4f}, held-out loss {manifest['held_out_loss_before']:.4f} -> "
+        f"{manifest['held_out_loss_after']:.4f}\nmodel folder: {args.out} (set encoder.model_path to it; "
+        "`tastemaker serve` then re-encodes the catalog and rebuilds profiles)"
+    )
     return 0
 
 
@@ -383,8 +425,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--validation-cutoffs", help="time_cutoff validation moments (default 0.5,0.55,0.6,0.65)")
     ev.add_argument("--tuning-rounds", type=int, default=1, help="coordinate-search passes over Tastemaker's weights")
     ev.add_argument("--tuning-users", type=int, default=300, help="validation users per Tastemaker trial (0 = all)")
+    ev.add_argument(
+        "--compare-encoder", metavar="MODEL_DIR",
+        help="a fine-tuned model folder (tastemaker train --out): adds text_finetuned next to text_zero_shot",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train", help="fine-tune the encoder on interactions with Ray Train (two-tower, in-batch softmax)")
+    tr.add_argument("--dataset", default="movielens", help="as for eval: 'movielens', a MovieLens folder, or a .csv/.parquet file")
+    tr.add_argument("--items", help="with an interactions file: the items file")
+    tr.add_argument("--out", required=True, help="output model folder (config.json, weights, tokenizer, tastemaker_train.json)")
+    tr.add_argument("--holdout", help="protocols whose targets training never sees (default leave_last_out,time_cutoff,cold_items; 'none' = the whole log)")
+    tr.add_argument("--max-items", type=int, help="keep only the N most-interacted items (as eval)")
+    tr.add_argument("--max-users", type=int, help="keep only the N most active users (as eval)")
+    tr.add_argument("--max-pairs", type=int, help="training pairs kept, a seeded sample (default 2000)")
+    tr.add_argument("--epochs", type=int, help="passes over the pairs (default 1)")
+    tr.add_argument("--batch-size", type=int, help="global batch over all workers (default 32)")
+    tr.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-5)")
+    tr.add_argument("--temperature", type=float, help="in-batch softmax temperature (default 0.05)")
+    tr.add_argument("--max-history-items", type=int, help="items in a history text (default 5)")
+    tr.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
+    tr.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
+    tr.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    tr.add_argument("--base-model", help="model folder to start from (default: the bundled MiniLM)")
+    tr.add_argument("--seed", type=int, help="seed (default 0; keep it equal to eval's --seed)")
+    tr.add_argument("--ray-address", help="join an existing Ray cluster")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
     bench.add_argument("benchmark", help="e.g. e2e")

@@ -494,3 +494,57 @@ class TestEventFeedAndArtifacts:
         assert [h for _, h in feed] == [hashlib.sha256(u.encode()).hexdigest() for u in ("someone", "never-existed")]
         assert feed[0][0] < feed[1][0] and store.erasures_after(feed[0][0]) == feed[1:]
         assert all("someone" not in h for _, h in feed)
+
+    # -- re-encoding after an encoder change ---------------------------------------------------
+    def test_meta_roundtrip_and_removal(self, opener):
+        first = opener()
+        assert first.get_meta("encoder_identity") is None
+        first.set_meta("encoder_identity", "sha256:a")
+        first.set_meta("encoder_identity", "sha256:b")
+        second = opener()
+        assert second.get_meta("encoder_identity") == "sha256:b"
+        second.set_meta("encoder_identity", None)
+        assert first.get_meta("encoder_identity") is None
+
+    def test_live_items_pages_in_item_id_order_without_deleted(self, store):
+        store.upsert_items([_item(i, n) for n, i in enumerate(["c", "a", "d", "b"])])
+        store.delete_items(["d"])
+        first = store.live_items("", limit=2)
+        assert [item.item_id for _, item in first] == ["a", "b"]
+        assert [item.item_id for _, item in store.live_items(first[-1][1].item_id, limit=2)] == ["c"]
+        assert all(item.vector is not None for _, item in first)
+
+    def test_replace_item_vectors_feeds_changes_and_spares_items_changed_meanwhile(self, store):
+        store.upsert_items([_item("a", 1), _item("b", 2), _item("c", 3)])
+        read = {item.item_id: seq for seq, item in store.live_items("", 10)}
+        last_seq = max(read.values())
+        store.upsert_items([_item("b", 9, title="B, edited")])  # a concurrent upsert after the read
+        store.delete_items(["c"])  # and a concurrent delete
+        skipped = store.replace_item_vectors([(i, read[i], _vec(100 + n)) for n, i in enumerate(["a", "b", "c"])])
+        assert sorted(skipped) == ["b", "c"]
+        assert np.allclose(store.get_item("a").vector, _vec(100))
+        assert np.allclose(store.get_item("b").vector, _vec(9)) and store.get_item("b").title == "B, edited"
+        assert store.get_item("c") is None
+        # The re-encoded item is on the change feed again, after everything before it.
+        feed = store.item_changes(last_seq)
+        assert feed[-1].item_id == "a" and np.allclose(feed[-1].item.vector, _vec(100))
+
+    def test_text_events_and_their_vectors_are_replaced_by_seq(self, store):
+        seqs = store.append_events(0, [
+            _event("u1", "1"),
+            _event("u1", "2", etype=EventType.SEARCH, text="scary films", text_vector=_vec(1)),
+            _event("u2", "3", etype=EventType.REVIEW, text="loved it", text_vector=_vec(2)),
+        ])
+        assert store.text_events(0) == [(seqs[1], "scary films"), (seqs[2], "loved it")]
+        assert store.text_events(seqs[1]) == [(seqs[2], "loved it")]
+        store.replace_event_text_vectors([(seqs[1], _vec(7))])
+        replayed = {s.seq: s.event for s in _replay(store, 0)}
+        assert np.allclose(replayed[seqs[1]].text_vector, _vec(7))
+        assert np.allclose(replayed[seqs[2]].text_vector, _vec(2))
+
+    def test_delete_snapshots_per_shard(self, store):
+        store.save_snapshots([SnapshotRow("u1", 0, 1, "{}", b""), SnapshotRow("u2", 1, 1, "{}", b"")])
+        assert store.delete_snapshots(0) == 1
+        assert [r.user_id for r in store.load_snapshots(0)] == []
+        assert [r.user_id for r in store.load_snapshots(1)] == ["u2"]
+        assert store.delete_snapshots() == 1 and list(store.load_snapshots(1)) == []

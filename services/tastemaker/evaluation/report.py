@@ -96,6 +96,9 @@ def markdown(report: dict[str, Any]) -> str:
         "(the random floor is never marked). Cold slice = test items with ≤ 2 training interactions.",
         "",
     ]
+    from tastemaker.evaluation.finetuned import markdown_lines
+
+    lines += markdown_lines(report)  # fine-tuned vs zero-shot encoder, with --compare-encoder
     goals = report.get("goals") or {}
     if goals:
         lines += ["## Goals", "", "| protocol | criterion | numbers | met |", "|---|---|---|---|"]

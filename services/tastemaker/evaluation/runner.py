@@ -75,6 +75,7 @@ class EvalConfig:
     tuning_users: Optional[int] = 300  # validation users scoring each Tastemaker trial (None = all)
     show_progress: bool = True
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    compare_encoder: Optional[str] = None  # a fine-tuned model folder: adds the text_finetuned method
 
 
 def _progress(show: bool, **kwargs):
@@ -410,6 +411,12 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     vectors, encoding = item_vectors(data.items, config.service.encoder, out / "cache", show_progress=config.show_progress)
     service_events = ServiceEvents(data, vectors)
     methods = _build_methods(config, service_events)
+    finetuned_info = None
+    if config.compare_encoder:  # the fine-tuned encoder next to the zero-shot one (evaluation/finetuned.py)
+        from tastemaker.evaluation.finetuned import finetuned_method
+
+        finetuned, finetuned_info = finetuned_method(config, data, out / "cache")
+        methods.append(finetuned)
     protocols: dict[str, Any] = {}
     for protocol in config.protocols:
         say(f"eval: protocol {protocol}", flush=True)
@@ -445,6 +452,10 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         "protocols": protocols,
         "goals": _goals(protocols),
     }
+    if finetuned_info is not None:
+        from tastemaker.evaluation.finetuned import compare
+
+        report["encoder_comparison"] = compare(protocols, finetuned_info, config.seed)
     tuned_from = next((p for p in ("leave_last_out", "time_cutoff", "cold_items") if "tuned_retrieval_config" in protocols.get(p, {})), None)
     if tuned_from:
         report["tuned_retrieval_config"] = {"from_protocol": tuned_from, **protocols[tuned_from]["tuned_retrieval_config"]}

@@ -14,6 +14,7 @@ from tastemaker.errors import Unavailable
 from tastemaker.profiles.shard import ProfileShard
 from tastemaker.profiles.state import shard_of
 from tastemaker.store import open_store
+from tastemaker.store.base import ENCODER_SWAP_PENDING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,23 @@ class ProfileShardActor:
         logger.info("profile shard %d recovered: %d users, %d events replayed",
                     shard_id, len(self.shard.profiles), replayed)
 
-    def ready(self) -> dict:
+    def recovered(self) -> dict:
+        """Answers once `__init__` (recovery) has finished."""
         return self.shard.stats()
+
+    def ready(self) -> dict:
+        """Health: like `recovered`, but Unavailable while the store is being re-encoded for a new
+        encoder model (its profiles are about to be rebuilt), so the service is not SERVING yet."""
+        if self.shard.store.get_meta(ENCODER_SWAP_PENDING_KEY) is not None:
+            raise Unavailable("the encoder model changed: items are being re-encoded and profiles rebuilt")
+        return self.shard.stats()
+
+    def rebuild(self) -> int:
+        """Rebuild all profiles of the shard from the event log (see `ProfileShard.rebuild`)."""
+        replayed = self.shard.rebuild()
+        logger.info("profile shard %d rebuilt: %d users, %d events replayed",
+                    self.shard.shard_id, len(self.shard.profiles), replayed)
+        return replayed
 
     def apply_events(self, events: Sequence[UserEvent]) -> list[EventAck]:
         return self.shard.apply_events(events)
@@ -81,7 +97,7 @@ class ShardRouter:
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until every shard has recovered."""
-        ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+        ray.get([a.recovered.remote() for a in self.actors], timeout=timeout_s)
 
     def actor_for(self, user_id: str):
         return self.actors[shard_of(user_id, self.config.num_shards)]

@@ -51,6 +51,17 @@ class ProfileShard:
         replayed += self._replay(batch)
         return replayed
 
+    def rebuild(self) -> int:
+        """Rebuild every profile of the shard from the whole event log, ignoring snapshots (after
+        the encoder changed and item and text vectors were re-encoded): drop the shard's
+        snapshots and cached item vectors, replay, and snapshot the result. Returns events replayed."""
+        self.store.delete_snapshots(self.shard_id)
+        self._vector_cache.clear()
+        self._dirty.clear()
+        replayed = self.recover()
+        self.snapshot()
+        return replayed
+
     def _replay(self, batch: list) -> int:
         vectors = self._item_vectors([s.event.item_id for s in batch if s.event.item_id])
         for stored in batch:

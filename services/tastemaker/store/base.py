@@ -10,6 +10,12 @@ import numpy as np
 from tastemaker.domain import Item, UserEvent
 
 
+#: Store meta key: the identity of the encoder model that made the stored item and text vectors.
+ENCODER_IDENTITY_KEY = "encoder_identity"
+#: Store meta key, present while vectors are being re-encoded for a new model (its identity).
+ENCODER_SWAP_PENDING_KEY = "encoder_swap_pending"
+
+
 @dataclass
 class ItemChange:
     """One entry of the item change feed: an upsert (item set) or a delete (item None)."""
@@ -104,6 +110,32 @@ class Store(Protocol):
 
     def artifact_version(self, name: str) -> Optional[int]:
         """The version of a named artefact without loading it, or None."""
+
+    # Re-encoding (the encoder model changed) --------------------------------------------
+    def live_items(self, after_item_id: str = "", limit: int = 1_000) -> list[tuple[int, Item]]:
+        """(seq, item) of live items with item_id > `after_item_id`, in item_id order (a paging
+        order that re-encoding, which changes seqs, does not disturb)."""
+
+    def replace_item_vectors(self, updates: Sequence[tuple[str, int, np.ndarray]]) -> list[str]:
+        """Set new vectors for (item_id, seq read, vector), each as a new entry of the item change
+        feed, in one transaction; an item whose seq changed since it was read (upserted or deleted
+        meanwhile, so already encoded by the current model) is left alone. Returns the ids left
+        alone."""
+
+    def text_events(self, after_seq: int = 0, limit: int = 1_000) -> list[tuple[int, str]]:
+        """(seq, text) of events that carry text (reviews, searches), seq > `after_seq`, in seq order."""
+
+    def replace_event_text_vectors(self, updates: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Set the text vector of events by seq, in one transaction."""
+
+    def delete_snapshots(self, shard: Optional[int] = None) -> int:
+        """Drop the profile snapshots of one shard (all shards with None); returns how many."""
+
+    def get_meta(self, key: str) -> Optional[str]:
+        """A value of the store's small key-value table (e.g. the encoder identity), or None."""
+
+    def set_meta(self, key: str, value: Optional[str]) -> None:
+        """Set (or with None remove) a key of the key-value table."""
 
     # Lifecycle ---------------------------------------------------------------------------
     def ensure_num_shards(self, num_shards: int, shard_of: "ShardFunction") -> None:

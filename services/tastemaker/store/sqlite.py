@@ -368,6 +368,70 @@ class SQLiteStore:
         for row in rows:
             yield SnapshotRow(*row)
 
+    # -- re-encoding ----------------------------------------------------------------------
+    def live_items(self, after_item_id: str = "", limit: int = 1_000) -> list[tuple[int, Item]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, item_id, title, description, tags, attributes, update_time, vector "
+                "FROM items WHERE deleted = 0 AND item_id > ? ORDER BY item_id LIMIT ?",
+                (after_item_id, limit),
+            ).fetchall()
+        return [(row[0], self._item_from_row(row[1:])) for row in rows]
+
+    def replace_item_vectors(self, updates: Sequence[tuple[str, int, np.ndarray]]) -> list[str]:
+        if not updates:
+            return []
+        skipped = []
+        with self._write() as conn:
+            first = self._next_seq(conn, "items", len(updates))
+            for i, (item_id, read_seq, vector) in enumerate(updates):
+                # Conditional on the seq read: a concurrent upsert (already encoded by the current
+                # model) or delete wins. The new seq puts the item on the change feed again.
+                changed = conn.execute(
+                    "UPDATE items SET vector = ?, seq = ? WHERE item_id = ? AND seq = ? AND deleted = 0",
+                    (_vector_bytes(vector), first + i, item_id, read_seq),
+                ).rowcount
+                if not changed:
+                    skipped.append(item_id)
+        return skipped
+
+    def text_events(self, after_seq: int = 0, limit: int = 1_000) -> list[tuple[int, str]]:
+        with self._lock:
+            return self._conn.execute(
+                "SELECT seq, text FROM events WHERE seq > ? AND text != '' ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+
+    def replace_event_text_vectors(self, updates: Sequence[tuple[int, np.ndarray]]) -> None:
+        if not updates:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE events SET text_vector = ? WHERE seq = ?",
+                [(_vector_bytes(vector), seq) for seq, vector in updates],
+            )
+
+    def delete_snapshots(self, shard: Optional[int] = None) -> int:
+        with self._write() as conn:
+            if shard is None:
+                return conn.execute("DELETE FROM snapshots").rowcount
+            return conn.execute("DELETE FROM snapshots WHERE shard = ?", (shard,)).rowcount
+
+    def get_meta(self, key: str) -> Optional[str]:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: Optional[str]) -> None:
+        with self._write() as conn:
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+
     # -- lifecycle ------------------------------------------------------------------------
     def ensure_num_shards(self, num_shards: int, shard_of: ShardFunction) -> None:
         with self._write() as conn:

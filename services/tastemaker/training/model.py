@@ -1,0 +1,118 @@
+"""The two-tower model and its loss: one shared BERT-class encoder (mean pooling, L2-normalised,
+the same vectors `encoder.transformers_backend` serves) embeds the history text (query tower)
+and the next item's text (item tower); in-batch softmax makes each history pick its own next
+item among the batch's items."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from tastemaker.encoder.transformers_backend import pool_hidden_states
+
+
+def load_base(model_path: Path) -> tuple[Any, Any]:
+    """(tokenizer, AutoModel) from a local folder, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    from tastemaker.encoder.base import check_model_folder
+
+    check_model_folder(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    model = AutoModel.from_pretrained(str(model_path), dtype=torch.float32)
+    return tokenizer, model
+
+
+class TwoTowerEncoder(nn.Module):
+    """Both towers share one encoder (so the item vectors the service computes come from the
+    tower trained here). `forward` embeds both sides in one call, which keeps DDP to one forward
+    per backward."""
+
+    def __init__(self, encoder: nn.Module, pooling: str = "mean"):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unit vectors of a tokenised batch (what the serving backend computes)."""
+        hidden = self.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        pooled = pool_hidden_states(hidden, inputs["attention_mask"], self.pooling)
+        return nn.functional.normalize(pooled.float(), p=2, dim=1)
+
+    def forward(self, query: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed(query), self.embed(item)
+
+
+def in_batch_softmax_loss(
+    query: torch.Tensor,
+    item: torch.Tensor,
+    temperature: float,
+    item_keys: Optional[Sequence[Any]] = None,
+) -> torch.Tensor:
+    """Mean over rows i of −log softmax_j(q_i·d_j / τ)[i]: each query's own item is the positive,
+    the batch's other items are its negatives.
+
+    With `item_keys`, another row whose item is the same item as row i's is not a negative of
+    row i (its logit is masked out): two users who picked the same next item in one batch must
+    not push each other's history away from it."""
+    logits = query @ item.T / temperature
+    if item_keys is not None:
+        keys = list(item_keys)
+        n = len(keys)
+        same = torch.tensor([[keys[i] == keys[j] and i != j for j in range(n)] for i in range(n)], device=logits.device)
+        logits = logits.masked_fill(same, float("-inf"))
+    labels = torch.arange(query.shape[0], device=query.device)
+    return nn.functional.cross_entropy(logits, labels)
+
+
+class PairCollator:
+    """Tokenises a list of (query text, item text, item key) into the two towers' inputs."""
+
+    def __init__(self, tokenizer: Any, max_query_length: int, max_item_length: int):
+        self.tokenizer = tokenizer
+        self.max_query_length = max_query_length
+        self.max_item_length = max_item_length
+
+    def __call__(self, rows: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
+        queries, items, keys = zip(*rows)
+        return {
+            "query": dict(self.tokenizer(list(queries), padding=True, truncation=True, max_length=self.max_query_length, return_tensors="pt")),
+            "item": dict(self.tokenizer(list(items), padding=True, truncation=True, max_length=self.max_item_length, return_tensors="pt")),
+            "item_keys": torch.tensor(keys, dtype=torch.long),
+        }
+
+
+@torch.no_grad()
+def pair_loss(
+    model: TwoTowerEncoder,
+    collator: PairCollator,
+    rows: Sequence[tuple[str, str, int]],
+    temperature: float,
+    batch_size: int,
+) -> float:
+    """Mean in-batch loss over `rows` cut into consecutive batches (a fixed yardstick: used to
+    compare a model before and after training on the same batches)."""
+    model.eval()
+    losses = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        if len(chunk) < 2:
+            continue
+        batch = collator(chunk)
+        query, item = model(batch["query"], batch["item"])
+        losses.append(float(in_batch_softmax_loss(query, item, temperature, batch["item_keys"].tolist())))
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def save_model_folder(model: TwoTowerEncoder, tokenizer: Any, folder: Path) -> None:
+    """A Hugging Face model folder (config.json, model.safetensors, tokenizer files) that
+    `encoder.model_path` loads with the transformers and onnx backends unchanged."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.encoder.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
