@@ -163,16 +163,23 @@ class RetrievalConfig(_Strict):
         description="Score transitions as probabilities (each history item's counts / its total); false = raw counts, so popular followers count more.",
     )
     exploration_slots: int = Field(
-        0,
+        3,
         ge=0,
-        description="Last positions of each page reserved for the best text matches among low-evidence items (cold items get a chance; 0 = off).",
+        description="Positions of each page given to the best text matches among low-evidence items (cold items get a chance; 0 = off): the last ones of the first exploration_depth.",
+    )
+    exploration_depth: int = Field(
+        10, ge=1, description="The exploration slots end at this position; shorter pages have none."
     )
     exploration_max_interactions: int = Field(
-        2, ge=0, description="Items with at most this many interactions count as low-evidence for exploration_slots."
+        0, ge=0, description="Items with at most this many interactions count as low-evidence for exploration_slots (0 = never interacted with)."
     )
     cooccurrence_window: int = Field(10, ge=2, description="Liked items of one user that co-occur.")
     trending_half_life_days: float = Field(7.0, gt=0, description="Decay of the trending counts.")
     artifact_check_s: float = Field(10.0, gt=0, description="How often replicas look for a newer fitted model.")
+    index_dir: Optional[str] = Field(
+        None,
+        description="Where replicas save their trained index to restart without training; None = retrieval-index/ next to the SQLite file; '' = never saved.",
+    )
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)

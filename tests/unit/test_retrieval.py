@@ -531,7 +531,9 @@ class TestRetriever:
 
 
 def test_exploration_slots_give_low_evidence_items_the_last_places_with_a_grounded_reason():
-    config = RetrievalConfig(exploration_slots=1, exploration_max_interactions=2, popularity_weight=0.5)
+    config = RetrievalConfig(
+        exploration_slots=1, exploration_depth=3, exploration_max_interactions=2, popularity_weight=0.5
+    )
     r = Retriever(config)
     r.upsert(_items())
     r.catalog.set_popularity({i: 50 for i in ITEM_VECTORS if i not in {"heat", "notebook"}} | {"heat": 2})
@@ -549,6 +551,13 @@ def test_exploration_slots_give_low_evidence_items_the_last_places_with_a_ground
     # with <= 2 interactions (heat is closer to the taste than notebook).
     assert _ids(out) == without[:2] + ["heat"]
     assert out[-1].reason.startswith("because you rated A Bug's Life 5★")
+
+    # A longer page: the slot is still the last of the first exploration_depth (3) positions,
+    # and the ranked item it displaced moves down. A page shorter than that has no slot.
+    assert _ids(r.recommend(RecommendQuery(user_id="u", page_size=2), profile)) == without[:2]
+    plain_long = _ids(plain.recommend(RecommendQuery(user_id="u", page_size=5), profile))
+    long = _ids(r.recommend(RecommendQuery(user_id="u", page_size=5), profile))
+    assert long == plain_long[:2] + ["heat"] + plain_long[2:4]
 
     # Nothing low-evidence among the candidates: the page is the plain ranking.
     r.catalog.set_popularity({i: 50 for i in ITEM_VECTORS})

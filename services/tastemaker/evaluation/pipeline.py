@@ -128,6 +128,12 @@ SEARCH_SEEDS: list[dict[str, float]] = [
     dict(TEXT_ONLY_WEIGHTS),
     dict(TEXT_ONLY_WEIGHTS, sequential_weight=1.0),
     dict(TEXT_ONLY_WEIGHTS, sequential_weight=1.0, collaborative_weight=0.4, popularity_weight=0.15),
+    # Raw-count transitions over a longer window and history (what the sequential baseline's
+    # validation prefers), weighted up against the profile.
+    dict(
+        sequential_normalise=False, sequential_window=5, sequential_history=5, sequential_decay=0.8,
+        sequential_weight=2.0, profile_weight=2.0,
+    ),
 ]
 QUICK_SEARCH_SEEDS: list[dict[str, float]] = [{}, dict(TEXT_ONLY_WEIGHTS)]
 

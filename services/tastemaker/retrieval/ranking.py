@@ -103,11 +103,7 @@ class Retriever:
         parts = self.score_parts(found)
         scores = sum(parts.values())
         order = self._select(scores, vectors, request.page_size, request.diversity)
-        explored = self._explore(order, ids, parts, request.page_size)
-        if explored:
-            head = order[: request.page_size - self.config.exploration_slots]
-            rest = [i for i in order[len(head) :] if i not in explored]
-            order = head + rest[: request.page_size - len(head) - len(explored)] + explored
+        order, explored = self._explore(order, ids, parts, request.page_size)
         explain_explored = "profile" if "profile" in parts else "query"
         return [
             ScoredItem(
@@ -226,28 +222,35 @@ class Retriever:
             features["trending"] = np.array([self.graph.trend_score(i) for i in ids])
         return Candidates(ids, vectors, sources, features, anchors)
 
-    def _explore(self, order: list[int], ids: list[str], parts: dict[str, np.ndarray], page_size: int) -> list[int]:
+    def _explore(
+        self, order: list[int], ids: list[str], parts: dict[str, np.ndarray], page_size: int
+    ) -> tuple[list[int], set[int]]:
         """Exploration slots: the candidates with little interaction evidence (at most
         `exploration_max_interactions` events) that match the user's taste (or query) best by
-        text, for the last `exploration_slots` positions of the page. Transitions, co-occurrence
-        and popularity know nothing of such items, so without this a new item is never shown
-        to anyone, never gains evidence, and the blend keeps it out for good. Returns candidate
-        positions (empty when off, when there is no text signal, or nothing qualifies)."""
+        text take the last `exploration_slots` of the first `exploration_depth` positions; the
+        ranked items they displace move down. Transitions, co-occurrence and popularity know
+        nothing of such items, so without this a new item is never shown to anyone, never gains
+        evidence, and the blend keeps it out for good. Pages shorter than `exploration_depth`
+        have no exploration slots. Returns the page's candidate positions and the explored ones
+        (none when off, on short pages, without a text signal, or when nothing qualifies)."""
         cfg = self.config
-        slots = min(cfg.exploration_slots, page_size)
+        depth = cfg.exploration_depth
+        slots = min(cfg.exploration_slots, depth)
         text_parts = [parts[k] for k in ("profile", "query") if k in parts]
-        if slots <= 0 or not text_parts:
-            return []
-        head = set(order[: page_size - slots])
+        if slots <= 0 or page_size < depth or not text_parts:
+            return order, set()
+        head = order[: depth - slots]
+        taken = set(head)
         popularity = self.catalog.popularity
         limit = cfg.exploration_max_interactions
-        low = [j for j, item_id in enumerate(ids) if j not in head and popularity.get(item_id, 0) <= limit]
+        low = [j for j, item_id in enumerate(ids) if j not in taken and popularity.get(item_id, 0) <= limit]
         if not low:
-            return []
+            return order, set()
         text = sum(text_parts) + parts.get("negative", 0.0)
-        low_scores = np.asarray(text)[low]
-        picked = np.argsort(-low_scores, kind="stable")[:slots]
-        return [low[int(p)] for p in picked]
+        best = np.argsort(-np.asarray(text)[low], kind="stable")[:slots]
+        picked = [low[int(b)] for b in best]
+        rest = [i for i in order[len(head) :] if i not in set(picked)]
+        return (head + picked + rest)[:page_size], set(picked)
 
     @staticmethod
     def _select(scores: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> list[int]:
@@ -282,7 +285,9 @@ class Retriever:
         """A grounded explanation from the score part that contributed most (or from `main`:
         exploration slots are explained by the text match that chose them)."""
         if main is None:
-            ranked = sorted(((v, k) for k, v in parts.items() if k != "negative"), reverse=True)
+            # Only a part that actually added to the score can explain it (a zero trending part
+            # must not read "trending lately").
+            ranked = sorted(((v, k) for k, v in parts.items() if k != "negative" and v > 0), reverse=True)
             main = ranked[0][1] if ranked else "popularity"
         anchor_id = (anchors or {}).get(main, {}).get(item_id)
         if main in ("sequential", "collaborative") and anchor_id:
