@@ -9,6 +9,8 @@ numpy brute force in float64."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -229,3 +231,71 @@ def test_factory_and_config():
         load_config(overrides={("retrieval", "index"): "hnsw"}, environ={})
     with pytest.raises(InvalidArgument, match="pq_rerank"):
         load_config(overrides={("retrieval", "pq_rerank"): 0}, environ={})
+
+
+def test_rebuild_in_a_worker_thread_keeps_answering_and_loses_no_change():
+    """With `train_inline` off, training waits for `rebuild`, which a worker thread runs: while it
+    builds, searches are answered (right) from the old codes and changes are accepted; at the swap
+    every change made meanwhile is in the new codes. The build is held mid-way with events, so
+    the interleaving is certain, not timed."""
+    x, _ = topic_mixture(6_000, 32, topics=40, seed=15)
+    ids = [f"i{j}" for j in range(len(x))]
+    index = PQIndex(32, rerank=10_000)  # re-ranks every code: results must equal brute force
+    index.train_inline = False
+    model: dict[str, np.ndarray] = {}
+
+    def upsert(rows, vector_rows=None):
+        vector_rows = rows if vector_rows is None else vector_rows
+        index.upsert([ids[j] for j in rows], x[vector_rows])
+        model.update({ids[j]: x[v] for j, v in zip(rows, vector_rows)})
+
+    def check(queries):
+        names = sorted(model)
+        matrix = np.stack([model[i] for i in names]).astype(np.float64)
+        for q in queries:
+            got = index.search(q, 10_000)
+            assert len(got) == len(model) == len({i for i, _ in got})  # every live id, once
+            want = [names[j] for j in np.argsort(-(matrix @ q), kind="stable")[:20]]
+            assert [i for i, _ in got[:20]] == want
+
+    queries = [x[j] for j in (3, 1_500, 4_500)]
+    upsert(range(1_000))
+    assert not index.approximate and index.rebuild_due() and index.trainings == 0  # waits
+    assert index.rebuild() == "train" and index.approximate and index.trainings == 1
+    upsert(range(1_000, 4_000))  # 4x the trained size: retraining is due, old codebooks encode meanwhile
+    assert index.rebuild_due() and index.trainings == 1
+    old_codes = index._codes
+
+    reached, release, result = threading.Event(), threading.Event(), []
+
+    def hold():
+        reached.set()
+        assert release.wait(120)
+
+    worker = threading.Thread(target=lambda: result.append(index.rebuild(before_swap=hold)))
+    worker.start()
+    try:
+        assert reached.wait(120)
+        assert not index.rebuild_due() and index._codes is old_codes  # building; the old codes answer
+        check(queries)
+        upsert(range(4_000, 5_000))  # new ids
+        upsert(range(0, 100), range(5_000, 5_100))  # new vectors for ids the build has encoded
+        index.remove([ids[j] for j in range(100, 300)])
+        for j in range(100, 300):
+            model.pop(ids[j])
+        check(queries)  # mid-build changes visible at once, through the old codes
+    finally:
+        release.set()
+        worker.join()
+    assert result == ["train"] and index.trainings == 2 and index._trained_at == 4_000
+    assert index._codes is not old_codes and index.dead_codes == 300  # 100 replaced + 200 removed
+    check(queries)  # nothing lost in the swap
+    small = PQIndex(32, rerank=10_000)
+    assert small.rebuild() is None and not small.rebuild_due()  # nothing to do
+
+    index.remove([ids[j] for j in range(300, 1_000)])  # dead codes past 10 %: compaction is due
+    for j in range(300, 1_000):
+        model.pop(ids[j])
+    assert index.rebuild_due() and index.rebuild() == "compact"
+    assert index.dead_codes == 0 and index.trainings == 2 and index._codes.ntotal == len(index)
+    check(queries)

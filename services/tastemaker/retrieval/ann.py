@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -315,6 +315,12 @@ class PQIndex(_SlotIndex):
         self._slot_node = np.zeros(0, dtype=np.int64)  # slot -> FAISS position; -1 = none
         self._dead = 0
         self._trained_at = 0
+        #: Codebook trainings so far (inline or by `rebuild`); a restart that loads a saved index
+        #: starts at 0, which is how tests see that nothing was retrained.
+        self.trainings = 0
+        self._building = False
+        self._dirty: Optional[list[np.ndarray]] = None  # slots changed during a `rebuild`
+        self._drops = 0
         #: Candidates re-scored exactly by the last approximate search (for tests and the benchmark).
         self.last_reranked = 0
 
@@ -339,11 +345,19 @@ class PQIndex(_SlotIndex):
 
     # -- keeping FAISS in step ----------------------------------------------------------------
     def _after_upsert(self, slots: np.ndarray, replaced: np.ndarray, vectors: np.ndarray) -> None:
+        if self._dirty is not None:
+            self._dirty.append(slots.copy())
         n = len(self)
         if self._codes is None or n >= REBUILD_FACTOR * self._trained_at:
-            if self._trainable(n):
+            if not self._trainable(n):
+                return
+            if self.train_inline:
                 self._rebuild()
-            return
+                return
+            if self._codes is None:  # searched exactly until `rebuild` has trained codebooks
+                return
+            # Otherwise the current codebooks keep encoding new vectors until the retrained ones
+            # are swapped in.
         if replaced.any():
             self._kill(self._slot_node[slots[replaced]])
         first = int(self._codes.ntotal)
@@ -354,6 +368,8 @@ class PQIndex(_SlotIndex):
         self._maybe_compact()
 
     def _after_remove(self, slots: np.ndarray) -> None:
+        if self._dirty is not None:
+            self._dirty.append(slots.copy())
         if self._codes is None:
             return
         n = len(self)
@@ -365,6 +381,7 @@ class PQIndex(_SlotIndex):
         self._maybe_compact()
 
     def _kill(self, nodes: np.ndarray) -> None:
+        nodes = nodes[nodes >= 0]
         self._node_slot[nodes] = -1
         self._dead += len(nodes)
 
@@ -375,12 +392,13 @@ class PQIndex(_SlotIndex):
             self._slot_node = grown
 
     def _drop(self) -> None:
+        self._drops += 1  # a build in progress must not bring the codes back
         self._codes, self._trained_at, self._dead = None, 0, 0
         self._node_slot = np.zeros(0, dtype=np.int64)
         self._slot_node = np.zeros(0, dtype=np.int64)
 
     def _maybe_compact(self) -> None:
-        if self._dead > self.COMPACT_SHARE * int(self._codes.ntotal):
+        if self.train_inline and self._dead > self.COMPACT_SHARE * int(self._codes.ntotal):
             self._encode_live()
 
     def _encode_live(self) -> None:
@@ -395,11 +413,20 @@ class PQIndex(_SlotIndex):
 
     def _rebuild(self) -> None:
         """Train codebooks on a sample of the live vectors, then encode them all."""
+        live = self._live_slots()
+        codes = self._train(self._matrix[self._training_sample(live)])
+        self._codes, self._trained_at = codes, len(live)
+        self._encode_live()
+
+    def _training_sample(self, live: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(self.seed)
+        return live if len(live) <= PQ_TRAIN_ITEMS else np.sort(rng.choice(live, PQ_TRAIN_ITEMS, replace=False))
+
+    def _train(self, sample: np.ndarray) -> Any:
+        """Fresh `IndexPQFastScan` with codebooks trained on `sample` (no codes yet)."""
         import faiss
 
-        live = self._live_slots()
-        rng = np.random.default_rng(self.seed)
-        sample = live if len(live) <= PQ_TRAIN_ITEMS else np.sort(rng.choice(live, PQ_TRAIN_ITEMS, replace=False))
+        self.trainings += 1
         codes = faiss.IndexPQFastScan(self.dimension, self.subquantizers, 4, faiss.METRIC_INNER_PRODUCT)
         codes.pq.cp.seed = self.seed
         codes.pq.cp.niter = TRAIN_ITERATIONS
@@ -408,11 +435,86 @@ class PQIndex(_SlotIndex):
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
-            codes.train(self._matrix[sample])
+            codes.train(sample)
         finally:
             faiss.omp_set_num_threads(threads)
-        self._codes, self._trained_at = codes, len(live)
-        self._encode_live()
+        return codes
+
+    # -- building off the caller's thread -----------------------------------------------------
+    def rebuild_due(self) -> bool:
+        """With `train_inline` off: is there training or compaction for `rebuild` to do?"""
+        with self._lock:
+            return not self._building and self._work_due() is not None
+
+    def _work_due(self) -> Optional[str]:
+        n = len(self)
+        if self._trainable(n) and (self._codes is None or n >= REBUILD_FACTOR * self._trained_at):
+            return "train"
+        if self._codes is not None and self._dead > self.COMPACT_SHARE * int(self._codes.ntotal):
+            return "compact"
+        return None
+
+    def rebuild(self, before_swap: Optional[Callable[[], None]] = None) -> Optional[str]:
+        """Train new codebooks (or re-encode without dead codes) while the index keeps answering
+        and changing, then swap the new codes in. Meant for a worker thread: the lock is held only
+        to take a sample at the start and for the swap at the end. Vectors upserted or removed
+        during the build are logged and applied to the new codes before the swap, so nothing is
+        lost. Returns what was done ("train", "compact") or None if nothing was due.
+        `before_swap` runs between the build and the swap (tests use it to act mid-build)."""
+        with self._lock:
+            if self._building:
+                return None
+            work = self._work_due()
+            if work is None:
+                return None
+            self._building, self._dirty = True, []
+            live = self._live_slots()
+            matrix = self._matrix  # rows rewritten meanwhile are logged in _dirty and redone
+            sample = matrix[self._training_sample(live)] if work == "train" else None  # a copy
+            drops = self._drops
+            old = self._codes
+        try:
+            if work == "train":
+                codes = self._train(sample)
+                del sample
+            else:
+                import faiss
+
+                codes = faiss.IndexPQFastScan(self.dimension, self.subquantizers, 4, faiss.METRIC_INNER_PRODUCT)
+                codes.pq = old.pq  # the same codebooks (copied): compaction does not retrain
+                codes.is_trained = True
+            for start in range(0, len(live), ADD_BLOCK):
+                codes.add(matrix[live[start : start + ADD_BLOCK]])
+            if before_swap is not None:
+                before_swap()
+            with self._lock:
+                if self._drops != drops:  # the catalog shrank back to exact search meanwhile
+                    return None
+                node_slot = live.copy()
+                slot_node = np.full(len(self._ids), -1, dtype=np.int64)
+                slot_node[live] = np.arange(len(live), dtype=np.int64)
+                changed = np.unique(np.concatenate(self._dirty)) if self._dirty else np.zeros(0, dtype=np.int64)
+                dead = 0
+                if len(changed):
+                    stale = slot_node[changed]
+                    stale = stale[stale >= 0]
+                    node_slot[stale] = -1
+                    dead = len(stale)
+                    slot_node[changed] = -1
+                    ids = self._ids
+                    current = np.asarray([s for s in changed.tolist() if ids[s] is not None], dtype=np.int64)
+                    if len(current):
+                        first = int(codes.ntotal)
+                        codes.add(self._matrix[current])
+                        node_slot = np.concatenate([node_slot, current])
+                        slot_node[current] = np.arange(first, first + len(current), dtype=np.int64)
+                self._codes, self._node_slot, self._slot_node, self._dead = codes, node_slot, slot_node, dead
+                if work == "train":
+                    self._trained_at = len(live)
+                return work
+        finally:
+            with self._lock:
+                self._building, self._dirty = False, None
 
     # -- search -------------------------------------------------------------------------------
     def _search_slots(

@@ -15,6 +15,7 @@ Indexes are saved as a folder without pickle: `manifest.json` (kind, dimension, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -161,6 +162,10 @@ class _SlotIndex:
         self._slot_of: dict[str, int] = {}
         self._free: list[int] = []  # free slots below len(self._ids), reused first
         self._lock = threading.RLock()
+        #: True: training and re-encoding happen inside the `upsert`/`remove` that makes them due.
+        #: False (retrieval replicas): they wait for `rebuild()`, which a worker thread runs while
+        #: the index keeps answering (`PQIndex`; the other kinds always build inline).
+        self.train_inline = True
         #: Slots whose id changed (upserted into or freed), for the slot -> catalog row map.
         self.changes = ChangeJournal()
         self._row_map: Optional[tuple[Any, np.ndarray, tuple[int, int], tuple[int, int]]] = None
@@ -245,6 +250,14 @@ class _SlotIndex:
         grown = np.zeros((max(rows, int(capacity * 1.5) + 16), self.dimension), dtype=np.float32)
         grown[:capacity] = self._matrix
         self._matrix = grown
+
+    def rebuild_due(self) -> bool:
+        """Is there deferred training or re-encoding for `rebuild` (see `train_inline`)?"""
+        return False
+
+    def rebuild(self, before_swap: Any = None) -> Optional[str]:
+        """Do the deferred work off the caller's thread; None: nothing was due."""
+        return None
 
     def _after_upsert(self, slots: np.ndarray, replaced: np.ndarray, vectors: np.ndarray) -> None:
         """Hook: `vectors` were written into `slots` (`replaced` marks slots that held a vector)."""
@@ -387,10 +400,12 @@ class _SlotIndex:
     def _params(self) -> dict[str, Any]:
         return {}
 
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: Union[str, Path], hold_lock: bool = True) -> None:
+        """Write the index into `path`. `hold_lock=False` lets searches go on during a long write;
+        the caller must then make sure that nothing changes the index meanwhile."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        with self._lock:
+        with self._lock if hold_lock else contextlib.nullcontext():
             manifest = folder / "manifest.json"
             if manifest.exists():  # a half-written save must never look complete
                 manifest.unlink()
