@@ -14,6 +14,7 @@ from tastemaker.domain import AttributeCondition, Item, ProfileView, RecommendQu
 from tastemaker.retrieval.ann import PQIndex
 from tastemaker.retrieval.deployment import RetrievalReplica, snapshot_key
 from tastemaker.store import open_store
+from tastemaker.store.base import ENCODER_IDENTITY_KEY
 
 D = 16
 CONFIG = RetrievalConfig(index="pq", pq_rerank=40)  # PQ from the first 624 items: small and approximate
@@ -71,11 +72,14 @@ def test_restarted_replica_loads_the_saved_index_and_catches_up_without_training
     assert len(third.retriever.index) == len(first.retriever.index) == 1_670
     assert answers(third) == answers(first)
 
-    # A snapshot made for another configuration is never loaded.
+    # A snapshot made for another configuration, or for another model's vectors, is never loaded.
     other = RetrievalConfig(index="pq", pq_rerank=40, pq_subquantizers=4)
-    assert snapshot_key(other, "") != snapshot_key(CONFIG, "")
+    assert snapshot_key(other, "") != snapshot_key(CONFIG, "") != snapshot_key(CONFIG, "model-b")
     fourth = RetrievalReplica(other, open_store("sqlite:///" + str(tmp_path / "s.db")), EventWeights(), tmp_path / "idx")
     assert fourth.started_from_seq is None and fourth.retriever.index.trainings == 1
+    store.set_meta(ENCODER_IDENTITY_KEY, "model-b")  # what the store says made its vectors
+    fifth = RetrievalReplica(CONFIG, open_store("sqlite:///" + str(tmp_path / "s.db")), EventWeights(), tmp_path / "idx")
+    assert fifth.started_from_seq is None and fifth.retriever.index.trainings == 1
 
 
 def test_a_snapshot_that_disagrees_with_the_store_is_dropped(tmp_path):

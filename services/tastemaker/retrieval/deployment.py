@@ -15,7 +15,8 @@ Index upkeep off the request path:
 * **Saved and reloaded.** After each build (and after that first training) the replica saves the
   index under `index_dir/<key>/snapshot-<seq>-<id>/` (the index folder without pickle, plus
   `replica.json` with the item feed seq it covers). `key` names the index parameters and the
-  encoder model identity, so a snapshot is never loaded into a different configuration. A replica
+  identity of the encoder model that made the store's vectors (as the store records it), so a
+  snapshot is never loaded into a different configuration or next to another model's vectors. A replica
   that starts finds the newest snapshot, loads it, and catches up from the feed: changes up to
   the saved seq only refill the catalog metadata (their vectors are checked against the loaded
   ones), later ones are applied as usual, and at the end of the feed the index must hold exactly
@@ -45,6 +46,7 @@ from tastemaker.retrieval.collaborative import GraphFollower, graph_params
 from tastemaker.retrieval.index import create_index, load_index
 from tastemaker.retrieval.ranking import Retriever
 from tastemaker.store import Store, open_store
+from tastemaker.store.base import ENCODER_IDENTITY_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +86,15 @@ class RetrievalReplica:
         store: Store,
         weights: EventWeights,
         index_dir: Optional[Path] = None,
-        model_identity: str = "",
+        model_identity: Optional[str] = None,
     ):
         self.config = config
         self.store = store
         self.follower = GraphFollower(store, graph_params(config), weights)
         self.retriever = Retriever(config, self.follower.start())
         self.seq = 0
-        self.snapshot_dir = None if index_dir is None else Path(index_dir) / snapshot_key(config, model_identity)
+        self.index_dir = None if index_dir is None else Path(index_dir)
+        self._model_identity = model_identity
         #: Feed seq of the snapshot this replica started from (None: built from the feed).
         self.started_from_seq: Optional[int] = None
         self._covered_seq: Optional[int] = None  # set while catching up over a loaded snapshot
@@ -171,11 +174,23 @@ class RetrievalReplica:
                 self.retriever.index.train_inline = False
 
     # -- snapshots ----------------------------------------------------------------------------
+    @property
+    def snapshot_dir(self) -> Optional[Path]:
+        """This configuration's snapshot folder; the model is the one the store records as having
+        made its vectors (`tastemaker.store.base.ENCODER_IDENTITY_KEY`) unless one was given."""
+        if self.index_dir is None:
+            return None
+        identity = self._model_identity
+        if identity is None:
+            identity = self.store.get_meta(ENCODER_IDENTITY_KEY) or ""
+        return self.index_dir / snapshot_key(self.config, identity)
+
     def _load_snapshot(self) -> None:
-        if self.snapshot_dir is None or not self.snapshot_dir.is_dir():
+        snapshot_dir = self.snapshot_dir
+        if snapshot_dir is None or not snapshot_dir.is_dir():
             return
         candidates = []
-        for folder in self.snapshot_dir.glob("snapshot-*"):
+        for folder in snapshot_dir.glob("snapshot-*"):
             try:
                 meta = json.loads((folder / "replica.json").read_text())
                 if meta.get("format") == SNAPSHOT_FORMAT:
@@ -231,19 +246,20 @@ class RetrievalReplica:
         """Write the index and the feed seq it covers; older snapshots of the key are removed.
         Holds the write lock (the feed waits), not the index lock (searches go on)."""
         index = self.retriever.index
-        if self.snapshot_dir is None or index is None:
+        snapshot_dir = self.snapshot_dir
+        if snapshot_dir is None or index is None:
             return None
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        snapshot_dir.mkdir(parents=True, exist_ok=True)
         with self._write_lock:
             seq = self.seq
-            tmp = self.snapshot_dir / f"tmp-{uuid.uuid4().hex[:8]}"
+            tmp = snapshot_dir / f"tmp-{uuid.uuid4().hex[:8]}"
             index.save(tmp / "index", hold_lock=False)
             (tmp / "replica.json").write_text(
                 json.dumps({"format": SNAPSHOT_FORMAT, "seq": seq, "items": len(index), "kind": index.kind})
             )
-        final = self.snapshot_dir / f"snapshot-{seq:012d}-{tmp.name[4:]}"
+        final = snapshot_dir / f"snapshot-{seq:012d}-{tmp.name[4:]}"
         os.replace(tmp, final)
-        for old in self.snapshot_dir.iterdir():  # other replicas' older snapshots too
+        for old in snapshot_dir.iterdir():  # other replicas' older snapshots too
             if old != final and old.name.startswith("snapshot-") and old.name < final.name:
                 shutil.rmtree(old, ignore_errors=True)
         self.saves += 1
