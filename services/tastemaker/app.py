@@ -109,9 +109,35 @@ def start_service(config: ServiceConfig, show_progress: bool = False) -> None:
     """Ray + Serve + the application; re-encode the stored vectors if the encoder model changed;
     then wait until health says SERVING."""
     start_ray_and_serve(config)
+    # Marked before deploying, so health is never SERVING with the old model's vectors.
+    mark_encoder_swap(config)
     deploy(config)
     swap_encoder_if_changed(config, show_progress=show_progress)
     wait_serving(f"{config.server.host}:{config.server.grpc_port}")
+
+
+def mark_encoder_swap(config: ServiceConfig) -> bool:
+    """Record in the store that its vectors must be re-encoded (the configured encoder model is
+    not the one that made them); the profile shards then report unavailable to health until
+    `swap_encoder_if_changed` has finished. Returns whether a swap is pending."""
+    from tastemaker.reencode import count_text_events, encoder_identity, same_vectors
+    from tastemaker.store import open_store
+    from tastemaker.store.base import ENCODER_IDENTITY_KEY, ENCODER_SWAP_PENDING_KEY
+
+    identity = encoder_identity(config.encoder)
+    store = open_store(config.store_url())
+    try:
+        if store.get_meta(ENCODER_SWAP_PENDING_KEY) is not None:
+            return True
+        if same_vectors(store.get_meta(ENCODER_IDENTITY_KEY), identity):
+            return False
+        if store.count_items() == 0 and count_text_events(store) == 0:
+            store.set_meta(ENCODER_IDENTITY_KEY, identity)  # nothing encoded yet: just remember the model
+            return False
+        store.set_meta(ENCODER_SWAP_PENDING_KEY, identity)
+        return True
+    finally:
+        store.close()
 
 
 def swap_encoder_if_changed(config: ServiceConfig, show_progress: bool = False, batch_size: int = 256) -> dict:
@@ -126,21 +152,16 @@ def swap_encoder_if_changed(config: ServiceConfig, show_progress: bool = False, 
     from tqdm import tqdm
 
     from tastemaker.profiles.actor import shard_actor_name
-    from tastemaker.reencode import count_text_events, encoder_identity, reencode_event_texts, reencode_items, same_vectors
+    from tastemaker.reencode import count_text_events, encoder_identity, reencode_event_texts, reencode_items
     from tastemaker.store import open_store
     from tastemaker.store.base import ENCODER_IDENTITY_KEY, ENCODER_SWAP_PENDING_KEY
 
+    if not mark_encoder_swap(config):
+        return {"swapped": False}
     identity = encoder_identity(config.encoder)
     store = open_store(config.store_url())
     try:
         recorded = store.get_meta(ENCODER_IDENTITY_KEY)
-        pending = store.get_meta(ENCODER_SWAP_PENDING_KEY)
-        if same_vectors(recorded, identity) and pending is None:
-            return {"swapped": False}
-        if store.count_items() == 0 and count_text_events(store) == 0 and pending is None:
-            store.set_meta(ENCODER_IDENTITY_KEY, identity)  # nothing encoded yet: just remember the model
-            return {"swapped": False, "recorded": identity}
-        store.set_meta(ENCODER_SWAP_PENDING_KEY, identity)
         logger.warning("the encoder model changed (%s -> %s): re-encoding the catalog and rebuilding profiles", recorded, identity)
         encoder = serve.get_deployment_handle("Encoder", app_name=config.server.app_name)
 

@@ -298,6 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "learning_rate": args.lr,
         "temperature": args.temperature,
         "max_history_items": args.max_history_items,
+        "query_tower": args.query_tower,
         "num_workers": args.workers,
         "cpus_per_worker": args.cpus_per_worker,
         "use_gpu": args.use_gpu or None,
@@ -445,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-5)")
     tr.add_argument("--temperature", type=float, help="in-batch softmax temperature (default 0.05)")
     tr.add_argument("--max-history-items", type=int, help="items in a history text (default 5)")
+    tr.add_argument(
+        "--query-tower", choices=["history_text", "mean_of_items"],
+        help="history_text (default): the history texts joined into one text; mean_of_items: the mean of each history item's vector",
+    )
     tr.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     tr.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
     tr.add_argument("--use-gpu", action="store_true", help="one GPU per worker")

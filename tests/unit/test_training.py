@@ -123,3 +123,31 @@ def test_config_rejects_a_batch_too_small_for_in_batch_negatives():
     with pytest.raises(ValueError, match="at least 2 pairs"):
         TrainConfig(batch_size=4, num_workers=4)
     assert TrainConfig(batch_size=32, num_workers=2).per_worker_batch_size == 16
+
+
+class _TokenEncoder(torch.nn.Module):
+    """A stand-in encoder: each token id's hidden state is a fixed random vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(50, 6)
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self.table(input_ids))
+
+
+def test_mean_of_items_query_is_the_normalised_mean_of_the_history_item_vectors():
+    from tastemaker.training.model import TwoTowerEncoder
+
+    torch.manual_seed(0)
+    model = TwoTowerEncoder(_TokenEncoder())
+    ones = lambda ids: {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), len(ids[0]), dtype=torch.long)}
+    history = ones([[1, 2], [3, 4], [5, 6]])  # pair 0 has items 0 and 1, pair 1 has item 2
+    items = ones([[7, 8], [9, 10]])
+    query, item = model(history, items, torch.tensor([0, 0, 1]))
+    each = model.embed(history)
+    want0 = torch.nn.functional.normalize(each[0] + each[1], dim=0)
+    assert torch.allclose(query[0], want0, atol=1e-6) and torch.allclose(query[1], each[2], atol=1e-6)
+    assert torch.allclose(item, model.embed(items))

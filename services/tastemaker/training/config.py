@@ -37,6 +37,11 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed of the data order, the hidden items, the pair sample, shuffling and init.")
     # -- model ------------------------------------------------------------------------------
     base_model_path: Optional[str] = Field(None, description="Model folder to start from; None = bundled all-MiniLM-L6-v2.")
+    query_tower: Literal["history_text", "mean_of_items"] = Field(
+        "history_text",
+        description="history_text: the query tower encodes the history texts joined into one text; mean_of_items: "
+        "it encodes each history item's text and averages the vectors (the way the service builds a profile).",
+    )
     max_query_length: int = Field(128, ge=8, le=512, description="Tokens of a history text (longest kept: newest first).")
     max_item_length: int = Field(64, ge=8, le=512, description="Tokens of an item text.")
     # -- optimisation -----------------------------------------------------------------------

@@ -45,8 +45,18 @@ class TwoTowerEncoder(nn.Module):
         pooled = pool_hidden_states(hidden, inputs["attention_mask"], self.pooling)
         return nn.functional.normalize(pooled.float(), p=2, dim=1)
 
-    def forward(self, query: dict[str, torch.Tensor], item: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embed(query), self.embed(item)
+    def forward(
+        self, query: dict[str, torch.Tensor], item: dict[str, torch.Tensor], query_groups: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query vectors, item vectors). With `query_groups` (mean_of_items), `query` holds one
+        text per history item and row r belongs to pair `query_groups[r]`: a pair's query vector
+        is the normalised mean of its items' vectors."""
+        queries = self.embed(query)
+        if query_groups is not None:
+            n = item["input_ids"].shape[0]
+            sums = torch.zeros(n, queries.shape[1], dtype=queries.dtype, device=queries.device).index_add(0, query_groups, queries)
+            queries = nn.functional.normalize(sums, p=2, dim=1)
+        return queries, self.embed(item)
 
 
 def in_batch_softmax_loss(
@@ -72,20 +82,32 @@ def in_batch_softmax_loss(
 
 
 class PairCollator:
-    """Tokenises a list of (query text, item text, item key) into the two towers' inputs."""
+    """Tokenises a list of (history text, item text, item key, history item texts) into the two
+    towers' inputs; with `query_tower="mean_of_items"` the query side is one text per history
+    item plus `query_groups` (the pair each belongs to)."""
 
-    def __init__(self, tokenizer: Any, max_query_length: int, max_item_length: int):
+    def __init__(self, tokenizer: Any, max_query_length: int, max_item_length: int, query_tower: str = "history_text"):
         self.tokenizer = tokenizer
         self.max_query_length = max_query_length
         self.max_item_length = max_item_length
+        self.query_tower = query_tower
 
-    def __call__(self, rows: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
-        queries, items, keys = zip(*rows)
-        return {
-            "query": dict(self.tokenizer(list(queries), padding=True, truncation=True, max_length=self.max_query_length, return_tensors="pt")),
-            "item": dict(self.tokenizer(list(items), padding=True, truncation=True, max_length=self.max_item_length, return_tensors="pt")),
+    def _tokens(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+    def __call__(self, rows: Sequence[tuple]) -> dict[str, Any]:
+        queries, items, keys = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        batch: dict[str, Any] = {
+            "item": self._tokens(items, self.max_item_length),
             "item_keys": torch.tensor(keys, dtype=torch.long),
         }
+        if self.query_tower == "mean_of_items":
+            groups = [n for n, row in enumerate(rows) for _ in row[3]]
+            batch["query"] = self._tokens([text for row in rows for text in row[3]], self.max_item_length)
+            batch["query_groups"] = torch.tensor(groups, dtype=torch.long)
+        else:
+            batch["query"] = self._tokens(queries, self.max_query_length)
+        return batch
 
 
 @torch.no_grad()
@@ -105,7 +127,7 @@ def pair_loss(
         if len(chunk) < 2:
             continue
         batch = collator(chunk)
-        query, item = model(batch["query"], batch["item"])
+        query, item = model(batch["query"], batch["item"], batch.get("query_groups"))
         losses.append(float(in_batch_softmax_loss(query, item, temperature, batch["item_keys"].tolist())))
     return sum(losses) / len(losses) if losses else float("nan")
 

@@ -35,6 +35,7 @@ class TrainingPair:
     target_item_id: str
     query_text: str
     item_text: str
+    history_texts: tuple[str, ...] = ()  # the history items' texts, newest first
 
 
 def training_events(
@@ -104,6 +105,7 @@ def build_pairs(
                 target_item_id=data.items[target].item_id,
                 query_text=history_text([texts[int(i)] for i in history]),
                 item_text=texts[target],
+                history_texts=tuple(texts[int(i)] for i in history),
             )
         )
     return pairs

@@ -28,10 +28,11 @@ MANIFEST_NAME = "tastemaker_train.json"
 HELD_OUT_PAIRS = 128
 
 
-def pair_rows(pairs: Sequence[TrainingPair]) -> list[tuple[str, str, int]]:
-    """(query text, item text, item key): the key marks pairs with the same target item."""
+def pair_rows(pairs: Sequence[TrainingPair]) -> list[tuple[str, str, int, tuple[str, ...]]]:
+    """(history text, item text, item key, history item texts): the key marks pairs with the
+    same target item."""
     keys: dict[str, int] = {}
-    return [(p.query_text, p.item_text, keys.setdefault(p.target_item_id, len(keys))) for p in pairs]
+    return [(p.query_text, p.item_text, keys.setdefault(p.target_item_id, len(keys)), p.history_texts) for p in pairs]
 
 
 def _progress_actor():
@@ -87,7 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # parameter without a gradient, and saved unchanged.
         if name.startswith("pooler."):
             parameter.requires_grad_(False)
-    collator = PairCollator(tokenizer, config.max_query_length, config.max_item_length)
+    collator = PairCollator(tokenizer, config.max_query_length, config.max_item_length, config.query_tower)
     model = ray.train.torch.prepare_model(TwoTowerEncoder(encoder))
     inner: TwoTowerEncoder = model.module if hasattr(model, "module") else model
     loader = DataLoader(
@@ -121,7 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.train()
         total, count = 0.0, 0
         for batch in loader:
-            query, item = model(batch["query"], batch["item"])
+            query, item = model(batch["query"], batch["item"], batch.get("query_groups"))
             loss = in_batch_softmax_loss(query, item, config.temperature, batch["item_keys"].tolist())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -257,7 +258,11 @@ def run_training(
     manifest = {
         "kind": "tastemaker-train",
         "base_model": config.base_model_path or f"bundled all-MiniLM-L6-v2 ({bundled_model_path()})",
-        "objective": "two-tower in-batch softmax: history text (newest first) -> next item text, shared encoder, mean pooling",
+        "objective": (
+            "two-tower in-batch softmax, shared encoder, mean pooling: "
+            + ("history text (newest first)" if config.query_tower == "history_text" else "mean of the history items' vectors")
+            + " -> next item text"
+        ),
         "data": {
             **(data_info or {}),
             "pairs": len(pairs),
