@@ -18,9 +18,13 @@ a few million an IVF-PQ hybrid would be the next step.
 (recall@100 ≥ 0.99 in ~2 ms at 1M items on separated Gaussian clusters).
 
 Both build by size: below `exact_max_items` (and below what training needs) they search exactly
-over the matrix; past it they train on a sample. Training happens inside the `upsert`/`remove`
-call that crosses the line (tens of seconds at a million items), as do retraining when the catalog
-has grown 4x and the switch back to exact search below half the threshold.
+over the matrix; past it they train on a sample. By default training happens inside the
+`upsert`/`remove` call that crosses the line (tens of seconds at a million items), as do
+retraining when the catalog has grown 4x and the switch back to exact search below half the
+threshold. Retrieval replicas turn `train_inline` off: `PQIndex` then keeps answering with what it
+has (exact search before the first codebooks, the old codebooks after) and a worker thread runs
+`PQIndex.rebuild`, which builds the new codes beside the old ones and swaps them in after applying
+the changes made meanwhile (`IVFIndex` always trains inline).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ semantics, one item at a time; the columns must agree with it (tests check both)
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Set
 from dataclasses import dataclass, field
@@ -142,13 +143,14 @@ class _AttributeColumn:
         self.reserve(int(row_array.max()) + 1)
         for row in row_array[self.present[row_array]].tolist():  # replacements: kill the old pairs
             self.clear(row)
-        flat: list[int] = []
-        counts = np.empty(len(rows), dtype=np.int64)
-        numbers = np.empty(len(rows), dtype=np.float64)
-        for j, raw in enumerate(raws):
-            codes, numbers[j] = self._parse(raw)
-            flat.extend(codes)
-            counts[j] = len(codes)
+        parse = self._parse
+        parsed = [parse(raw) for raw in raws]
+        counts = np.fromiter((len(codes) for codes, _ in parsed), dtype=np.int64, count=len(parsed))
+        numbers = np.fromiter((number for _, number in parsed), dtype=np.float64, count=len(parsed))
+        if len(counts) and counts.max() == 1 and counts.min() == 1:  # single values: the usual case
+            flat = [codes[0] for codes, _ in parsed]
+        else:
+            flat = list(itertools.chain.from_iterable(codes for codes, _ in parsed))
         start = self.pairs
         end = start + len(flat)
         self.pair_row = _grown(self.pair_row, end, -1)
@@ -282,7 +284,17 @@ class Catalog:
         self._live = np.zeros(0, dtype=bool)
         self._columns: dict[str, _AttributeColumn] = {}
         self._pending: dict[int, dict[str, str]] = {}  # row -> attributes not yet in the columns
-        self.changes = ChangeJournal()
+        self._new_rows: list[int] = []  # rows given out since the last flush
+        self._changes = ChangeJournal()
+        self._unlogged: list[str] = []  # ids given a row, not yet in `changes`
+
+    @property
+    def changes(self) -> ChangeJournal:
+        """Ids whose row changed (given or freed), for indexes mapping their slots to rows."""
+        if self._unlogged:
+            self._changes.record(self._unlogged, len(self.row_index))
+            self._unlogged = []
+        return self._changes
 
     def upsert(self, item: Item) -> None:
         """Insert or replace one item. The filter columns are written in batches: the change waits
@@ -298,9 +310,8 @@ class Catalog:
                 row = len(self.row_ids)
                 self.row_ids.append(item_id)
             self.row_index[item_id] = row
-            self._live = _grown(self._live, row + 1, False)
-            self._live[row] = True
-            self.changes.record((item_id,), len(self.row_index))
+            self._new_rows.append(row)
+            self._unlogged.append(item_id)
         self._pending[row] = item.attributes
         self._popular_order = None
 
@@ -308,10 +319,15 @@ class Catalog:
         """Insert or replace items (a repeated id: the last wins)."""
         for item in items:
             self.upsert(item)
-        self._flush()
+        self.flush()
 
-    def _flush(self) -> None:
-        """Write pending upserts into the columns, one vector operation per column."""
+    def flush(self) -> None:
+        """Write pending upserts into the columns, one vector operation per column. Filters flush
+        first; a replica calls it after applying the feed, so requests find nothing pending."""
+        if self._new_rows:
+            self._live = _grown(self._live, len(self.row_ids), False)
+            self._live[self._new_rows] = True
+            self._new_rows = []
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -339,7 +355,7 @@ class Catalog:
             column.set_many(column_rows, raws)
 
     def remove(self, item_id: str) -> None:
-        self._flush()
+        self.flush()
         self.items.pop(item_id, None)
         row = self.row_index.pop(item_id, None)
         if row is not None:
@@ -372,7 +388,7 @@ class Catalog:
         (everything passes). Vectorised over the columns: no per-item Python work."""
         if not conditions:
             return None
-        self._flush()
+        self.flush()
         rows = len(self.row_ids)
         mask = self._live[:rows].copy()
         for condition in conditions:

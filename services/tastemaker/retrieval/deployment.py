@@ -122,6 +122,11 @@ class RetrievalReplica:
             return 0  # a snapshot is being written: the next tick catches up
         try:
             applied = self._apply_item_changes()
+            if applied:
+                # Column writes and the index's slot -> row map catch up here, not in a request.
+                self.retriever.catalog.flush()
+                if self.retriever.index is not None and hasattr(self.retriever.index, "slot_rows"):
+                    self.retriever.index.slot_rows(self.retriever.catalog)
         finally:
             self._write_lock.release()
         if applied or time.monotonic() - self._popularity_time > self.config.popularity_refresh_s:

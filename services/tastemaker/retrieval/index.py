@@ -11,6 +11,11 @@ Indexes are saved as a folder without pickle: `manifest.json` (kind, dimension, 
 `ids.json` (the id of each slot, null for a free one), `vectors.npy` (the matrix, loaded with
 `allow_pickle=False`) and the trained FAISS structure of an approximate index (`pq.faiss` with
 `pq_nodes.npy`, or `ivf.faiss` with `ivf.json`; `faiss.write_index`).
+
+Filters from the catalog arrive as a boolean mask over catalog rows (`RowSubset`); each index
+keeps a slot -> catalog row map, built once (one dict lookup per item) and then kept in step by
+following two `ChangeJournal`s (its own slots, the catalog's rows), so a filtered search costs a
+few vector operations over the catalog instead of one Python lookup per allowed id.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class VectorIndex(Protocol):
     def search(
         self, query: np.ndarray, k: int, allowed: Optional[set[str]] = None, excluded: Optional[set[str]] = None
     ) -> list[tuple[str, float]]:
-        """Top-k (id, score) by inner product, best first, restricted to `allowed` if given and
+        """Top-k (id, score) by inner product, best first, restricted to `allowed` if given (a set
+        of ids, or a `RowSubset` such as `Catalog.matching_ids` returns, applied as a mask) and
         never returning ids in `excluded`. Returns fewer than k only when fewer ids qualify."""
 
     def vector(self, item_id: str) -> Optional[np.ndarray]:
@@ -55,8 +61,14 @@ class VectorIndex(Protocol):
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
         """Stored vectors of known ids as a (len(ids), dimension) matrix; KeyError for an unknown id."""
 
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: Union[str, Path], hold_lock: bool = True) -> None:
         """Write the index into the folder `path` (created if needed); see `load_index`."""
+
+    def rebuild_due(self) -> bool:
+        """Training or re-encoding deferred for `rebuild` (`train_inline` off)?"""
+
+    def rebuild(self, before_swap: Any = None) -> Optional[str]:
+        """Do the deferred work while searches go on, then swap; what was done, or None."""
 
     def memory_bytes(self) -> int:
         """Bytes held by vectors and search structures (not the id maps)."""
