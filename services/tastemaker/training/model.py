@@ -73,9 +73,8 @@ def in_batch_softmax_loss(
     not push each other's history away from it."""
     logits = query @ item.T / temperature
     if item_keys is not None:
-        keys = list(item_keys)
-        n = len(keys)
-        same = torch.tensor([[keys[i] == keys[j] and i != j for j in range(n)] for i in range(n)], device=logits.device)
+        keys = torch.as_tensor(list(item_keys) if not torch.is_tensor(item_keys) else item_keys, device=logits.device)
+        same = (keys[:, None] == keys[None, :]) & ~torch.eye(keys.shape[0], dtype=torch.bool, device=logits.device)
         logits = logits.masked_fill(same, float("-inf"))
     labels = torch.arange(query.shape[0], device=query.device)
     return nn.functional.cross_entropy(logits, labels)
@@ -120,15 +119,22 @@ def pair_loss(
 ) -> float:
     """Mean in-batch loss over `rows` cut into consecutive batches (a fixed yardstick: used to
     compare a model before and after training on the same batches)."""
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+
+    def to_device(value):
+        return {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
+
     losses = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         if len(chunk) < 2:
             continue
-        batch = collator(chunk)
+        batch = {k: to_device(v) for k, v in collator(chunk).items()}
         query, item = model(batch["query"], batch["item"], batch.get("query_groups"))
-        losses.append(float(in_batch_softmax_loss(query, item, temperature, batch["item_keys"].tolist())))
+        losses.append(float(in_batch_softmax_loss(query, item, temperature, batch["item_keys"])))
+    model.train(was_training)
     return sum(losses) / len(losses) if losses else float("nan")
 
 

@@ -123,7 +123,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         total, count = 0.0, 0
         for batch in loader:
             query, item = model(batch["query"], batch["item"], batch.get("query_groups"))
-            loss = in_batch_softmax_loss(query, item, config.temperature, batch["item_keys"].tolist())
+            loss = in_batch_softmax_loss(query, item, config.temperature, batch["item_keys"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
