@@ -122,3 +122,25 @@ def test_encoder_identity_follows_weights_and_pooling_not_docs_or_folder_name(tm
     data[-1] ^= 0x01  # one bit of one weight
     weights.write_bytes(bytes(data))
     assert not same_vectors(first, encoder_identity(base))
+
+
+def test_mark_encoder_swap_records_a_new_store_and_flags_a_changed_model(tmp_path):
+    from tastemaker.app import mark_encoder_swap
+    from tastemaker.config import ServiceConfig
+    from tastemaker.store.base import ENCODER_IDENTITY_KEY, ENCODER_SWAP_PENDING_KEY
+
+    config = ServiceConfig(data_dir=str(tmp_path))
+    store = open_store(config.store_url())
+    try:
+        assert mark_encoder_swap(config) is False  # empty store: the model is just recorded
+        assert same_vectors(store.get_meta(ENCODER_IDENTITY_KEY), encoder_identity(config.encoder))
+        store.upsert_items(_encoded_items(_model("A")))
+        assert mark_encoder_swap(config) is False  # same model: nothing to do
+        store.set_meta(ENCODER_IDENTITY_KEY, "other:mean:256:sha256=0000000000000000")
+        assert mark_encoder_swap(config) is True
+        assert store.get_meta(ENCODER_SWAP_PENDING_KEY) == encoder_identity(config.encoder)
+        store.set_meta(ENCODER_SWAP_PENDING_KEY, None)
+        store.set_meta(ENCODER_IDENTITY_KEY, None)  # a store written before identities were recorded
+        assert mark_encoder_swap(config) is True
+    finally:
+        store.close()
