@@ -141,7 +141,7 @@ def test_popular_order_matches_the_sorted_reference_and_sorts_the_tail_only_when
     reference = sorted(catalog.items, key=lambda i: (-counts.get(i, 0), i))
     order = catalog.popular_order()
     head = [i for _, i in zip(range(50), order)]
-    assert head == reference[:50] and order._all is None  # stopping early never sorted the rest
+    assert head == reference[:50] and order._rest is None  # stopping early never sorted the rest
     assert list(order) == reference and order == reference and len(order) == 3_000
     assert catalog.popularity_score(reference[0]) == pytest.approx(1.0)
     catalog.remove(reference[0])

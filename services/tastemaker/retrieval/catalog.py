@@ -243,20 +243,27 @@ class PopularOrder(Sequence):
             order = np.lexsort((np.array(popular), -counts))
             self._head = [popular[j] for j in order.tolist()]
             self.top_count = int(counts.max())
+        self._rest: Optional[list[str]] = None
         self._all: Optional[list[str]] = None
+
+    def _tail(self) -> list[str]:
+        """Live ids without interactions, by id (sorted on first use)."""
+        if self._rest is None:
+            head = set(self._head)
+            self._rest = sorted(i for i in self._items if i not in head)
+        return self._rest
 
     def _everything(self) -> list[str]:
         if self._all is None:
-            head = set(self._head)
-            self._all = self._head + sorted(i for i in self._items if i not in head)
+            self._all = self._head + self._tail()
         return self._all
 
     def __iter__(self) -> Iterator[str]:
         yield from self._head
-        yield from self._everything()[len(self._head) :]
+        yield from self._tail()
 
     def __len__(self) -> int:
-        return len(self._everything())
+        return len(self._head) + len(self._tail())
 
     def __getitem__(self, index):  # type: ignore[override]
         return self._everything()[index]
