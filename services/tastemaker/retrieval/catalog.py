@@ -91,8 +91,9 @@ class _AttributeColumn:
 
     def __init__(self) -> None:
         self.codes: dict[str, int] = {}  # casefolded, trimmed value -> code
-        self.pair_row = np.zeros(0, dtype=np.int64)
-        self.pair_code = np.zeros(0, dtype=np.int64)
+        # int32: half the bytes a filter scans (rows and codes stay far below 2**31)
+        self.pair_row = np.zeros(0, dtype=np.int32)
+        self.pair_code = np.zeros(0, dtype=np.int32)
         self.pairs = 0  # pairs in use (live or dead)
         self.dead = 0
         self.first = np.zeros(0, dtype=np.int64)
@@ -181,7 +182,7 @@ class _AttributeColumn:
             hit = np.zeros(rows, dtype=bool)
             if wanted:
                 codes = self.pair_code[: self.pairs]
-                chosen = codes == wanted[0] if len(wanted) == 1 else np.isin(codes, wanted)
+                chosen = codes == np.int32(wanted[0]) if len(wanted) == 1 else np.isin(codes, np.asarray(wanted, dtype=np.int32))
                 matched = self.pair_row[: self.pairs][chosen]
                 hit[matched[matched >= 0]] = True
             ok &= hit
@@ -206,6 +207,14 @@ class ItemSubset(Set):
         self.space = catalog
         self.mask = mask
         self._len: Optional[int] = None
+        self._padded: Optional[np.ndarray] = None
+
+    def padded_mask(self) -> np.ndarray:
+        """The mask with a False before row 0 and after the last row (see `_SlotIndex`); cached,
+        since one request searches with the same subset more than once."""
+        if self._padded is None:
+            self._padded = np.concatenate([[False], self.mask, [False]])
+        return self._padded
 
     def __contains__(self, item_id: object) -> bool:
         row = self.space.row_index.get(item_id)  # type: ignore[arg-type]

@@ -331,6 +331,10 @@ class _SlotIndex:
         """Catalog row of every slot (-1: free, or not in the catalog), kept in step through both
         change journals: after the first call (one dict lookup per item) a call costs one lookup
         per id changed since. Safe to call from a build thread to have it ready before a swap."""
+        return self._slot_rows_plus_one(space) - 1
+
+    def _slot_rows_plus_one(self, space: RowSpace) -> np.ndarray:
+        """`slot_rows` + 1 (0 = no row), the form a padded row mask is indexed with."""
         with self._lock:
             high = len(self._ids)
             cached = self._row_map
@@ -340,31 +344,31 @@ class _SlotIndex:
                 id_batches = space.changes.since(cached[3])
             if slot_batches is None or id_batches is None:
                 get = space.row_index.get
-                rows = np.fromiter((-1 if i is None else get(i, -1) for i in self._ids), dtype=np.int64, count=high)
+                rows = np.fromiter((0 if i is None else get(i, -1) + 1 for i in self._ids), dtype=np.int64, count=high)
             else:
                 rows = cached[1]
                 if len(rows) < high:
-                    rows = np.concatenate([rows, np.full(max(high, len(rows) * 3 // 2) - len(rows), -1, dtype=np.int64)])
+                    rows = np.concatenate([rows, np.zeros(max(high, len(rows) * 3 // 2) - len(rows), dtype=np.int64)])
                 ids, slot_of, get = self._ids, self._slot_of, space.row_index.get
                 for batch in slot_batches:
                     for slot in np.unique(np.asarray(batch)).tolist():
                         item_id = ids[slot] if slot < high else None
-                        rows[slot] = -1 if item_id is None else get(item_id, -1)
+                        rows[slot] = 0 if item_id is None else get(item_id, -1) + 1
                 for batch in id_batches:
                     for item_id in batch:
                         slot = slot_of.get(item_id)
                         if slot is not None:
-                            rows[slot] = get(item_id, -1)
+                            rows[slot] = get(item_id, -1) + 1
             self._row_map = (space, rows, self.changes.cursor(), space.changes.cursor())
             return rows[:high]
 
     def _subset_slots(self, subset: RowSubset) -> np.ndarray:
         """Boolean per slot: does the slot's item belong to `subset`?"""
-        rows = self.slot_rows(subset.space)
-        # One gather: row -1 (no row) reads the False in front, rows past the mask (items added
-        # after the subset was made) clip to the False behind.
-        padded = np.concatenate([[False], subset.mask, [False]])
-        return np.take(padded, rows + 1, mode="clip")
+        rows = self._slot_rows_plus_one(subset.space)
+        # One gather: 0 (no row) reads the False in front, rows past the mask (items added after
+        # the subset was made) clip to the False behind.
+        padded = subset.padded_mask() if hasattr(subset, "padded_mask") else np.concatenate([[False], subset.mask, [False]])
+        return np.take(padded, rows, mode="clip")
 
     def _search_slots(
         self, q: np.ndarray, k: int, allowed_slots: Optional[np.ndarray], excluded_slots: np.ndarray
