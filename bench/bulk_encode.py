@@ -14,7 +14,11 @@ drift in the machine's load hits all of them) it times:
   included). `--concurrency`/`--num-cpus` shape the pool; with several actors each gets
   `num_cpus` and torch threads to match, so the pool uses the same cores as the direct run.
 
-It also checks that the job's vectors equal the direct ones (minimum cosine over the catalog).
+Both are also measured in **CPU seconds** (user + system, from /proc) of the benchmark process
+and all of its descendants — the whole local Ray instance — during each candidate: on a shared,
+overloaded machine wall-clock rates mostly measure how the OS shares the cores between
+processes, texts per CPU-second what the work costs. It also checks that the job's vectors equal
+the direct ones (minimum cosine over the catalog).
 On the 2-core development machine no speed-up is expected: the job's value is that it runs on a
 cluster (more actors, GPUs) and streams files larger than memory; this measures what it costs.
 """
@@ -36,6 +40,73 @@ import numpy as np
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "bulk_encode.json"
 _T0 = time.monotonic()
+
+
+class TreeCpu:
+    """CPU seconds used by this process and all of its descendants (the local Ray instance: GCS,
+    raylet, workers, the job's actors) between `start()` and `stop()`, read from /proc (Linux).
+
+    Wall-clock rates on a shared, overloaded machine mostly measure how the OS shares the cores
+    between processes; CPU seconds per text measure what the work costs. A thread polls every
+    `interval_s`, so a process that exits in between (the job's actors do, at its end) still counts
+    up to its last sample (at most `interval_s` of its CPU time is missed)."""
+
+    def __init__(self, interval_s: float = 0.2):
+        import threading
+
+        self.interval_s = interval_s
+        self.available = Path("/proc/self/stat").exists()
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK") if self.available else 100
+
+    def _sample(self) -> dict[int, float]:
+        stats: dict[int, tuple[int, float]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # After the command name: state ppid ... utime(12th) stime(13th), counted from state = 0.
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick)
+        tree, frontier = {os.getpid()}, [os.getpid()]
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in tree:
+                    tree.add(child)
+                    frontier.append(child)
+        return {pid: stats[pid][1] for pid in tree if pid in stats}
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._record(self._sample())
+
+    def _record(self, sample: dict[int, float]) -> None:
+        for pid, cpu in sample.items():
+            self._first.setdefault(pid, 0.0)  # a process born after start() counts from zero
+            self._last[pid] = cpu
+
+    def start(self) -> "TreeCpu":
+        if self.available:
+            self._first = dict(self._sample())
+            self._last = dict(self._first)
+            self._thread.start()
+        return self
+
+    def stop(self) -> Optional[float]:
+        if not self.available:
+            return None
+        self._stop.set()
+        self._thread.join()
+        self._record(self._sample())
+        return sum(self._last[pid] - self._first[pid] for pid in self._last)
 
 
 def progress(message: str) -> None:
@@ -117,10 +188,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     direct_encode: list[float] = []
     direct_total: list[float] = []
     job_rates: list[float] = []
+    direct_cpu: list[float] = []  # texts per CPU-second of the whole process tree
+    job_cpu: list[float] = []
     job_manifest: dict = {}
     min_cosine = None
     try:
         for run in range(1, args.runs + 1):
+            cpu = TreeCpu().start()
             start = time.perf_counter()
             backend = create_backend(config.encoder)
             backend.start()
@@ -128,17 +202,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             direct = backend.encode(texts)
             done = time.perf_counter()
             del backend
+            cpu_s = cpu.stop()
             direct_encode.append(len(texts) / (done - loaded))
             direct_total.append(len(texts) / (done - start))
-            progress(f"run {run}/{args.runs} direct: {direct_encode[-1]:.1f} texts/s encode only, {direct_total[-1]:.1f} with start")
+            if cpu_s:
+                direct_cpu.append(len(texts) / cpu_s)
+            progress(
+                f"run {run}/{args.runs} direct: {direct_encode[-1]:.1f} texts/s encode only, {direct_total[-1]:.1f} with start, "
+                f"{cpu_s or float('nan'):.0f} CPU-s; load avg {os.getloadavg()[0]:.1f}"
+            )
 
             out = Path(tmp.name) / f"vectors-{run}"
+            cpu = TreeCpu().start()
             start = time.perf_counter()
             result = run_bulk_encode(items_path, out, job_config, show_progress=False)
             elapsed = time.perf_counter() - start
+            cpu_s = cpu.stop()
             job_rates.append(len(texts) / elapsed)
+            if cpu_s:
+                job_cpu.append(len(texts) / cpu_s)
             job_manifest = result.manifest
-            progress(f"run {run}/{args.runs} job ({args.concurrency} actor(s) x {num_cpus:g} CPU): {job_rates[-1]:.1f} texts/s")
+            progress(
+                f"run {run}/{args.runs} job ({args.concurrency} actor(s) x {num_cpus:g} CPU): {job_rates[-1]:.1f} texts/s, "
+                f"{cpu_s or float('nan'):.0f} CPU-s; load avg {os.getloadavg()[0]:.1f}"
+            )
             if run == 1:
                 vectors = read_vectors(out)
                 got = np.stack([vectors.get(m.item_id, t) for m, t in zip(messages, texts)])
@@ -170,6 +257,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         },
         {"name": "job_min_cosine_to_direct", "value": round(min_cosine, 6), "unit": "cosine"},
     ]
+    if direct_cpu and job_cpu:
+        figures[2:2] = [
+            {"name": "direct_texts_per_cpu_s", "value": round(med(direct_cpu), 2), "unit": "texts/CPU-s"},
+            {
+                "name": "job_texts_per_cpu_s",
+                "value": round(med(job_cpu), 2),
+                "unit": "texts/CPU-s",
+                "baseline": "direct_texts_per_cpu_s",
+                "baseline_value": round(med(direct_cpu), 2),
+                "ratio": round(med(job_cpu) / med(direct_cpu), 3),
+            },
+        ]
     params = {
         "items": len(texts),
         "runs": args.runs,
@@ -185,6 +284,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "includes": "Ray Data read + parse/validate + actor start + model load + encode + Parquet write + manifest",
         },
         "runs_texts_per_s": {"direct_encode": [round(x, 1) for x in direct_encode], "direct_with_start": [round(x, 1) for x in direct_total], "job": [round(x, 1) for x in job_rates]},
+        "runs_texts_per_cpu_s": {"direct": [round(x, 2) for x in direct_cpu], "job": [round(x, 2) for x in job_cpu]},
+        "cpu_accounting": "CPU seconds (user + system) of the benchmark process and all its descendants (the whole local Ray instance) during each candidate, from /proc; direct includes its model load",
         "last_job_manifest_seconds": job_manifest.get("seconds"),
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": load_after,

@@ -21,6 +21,7 @@ from tastemaker.encoder.bulk import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     attach_vectors,
+    check_resources,
     encode_lines,
     read_vectors,
     text_digest,
@@ -199,6 +200,16 @@ class TestConfigAndCli:
             BulkEncodeConfig(concurrency=3, max_concurrency=2)
         with pytest.raises(InvalidArgument, match="bulk_encode"):
             load_config(overrides={("bulk_encode", "batch_sise"): 8}, environ={})
+
+    def test_a_pool_that_cannot_fit_is_refused_on_a_local_ray(self, caplog):
+        # Two 1-CPU actors on a 2-CPU machine leave nothing for the read task: Ray Data would wait forever.
+        with pytest.raises(InvalidArgument, match=r"2 actor\(s\) x 1 CPU \+ 0.25 .* 2.25 CPUs, but Ray has 2 free"):
+            check_resources(BulkEncodeConfig(concurrency=2), {"CPU": 2.0}, local=True)
+        with pytest.raises(InvalidArgument, match="GPUs, but Ray has 0 free"):
+            check_resources(BulkEncodeConfig(num_gpus=1), {"CPU": 8.0}, local=True)
+        check_resources(BulkEncodeConfig(concurrency=1), {"CPU": 2.0}, local=True)  # fits
+        check_resources(BulkEncodeConfig(concurrency=4), {"CPU": 2.0}, local=False)  # a cluster may autoscale
+        assert "does not fit" in caplog.text
 
     def test_encode_refuses_a_non_empty_output_folder(self, tmp_path, capsys):
         items = tmp_path / "items.jsonl"

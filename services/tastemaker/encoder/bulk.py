@@ -43,6 +43,11 @@ MANIFEST_FORMAT = "tastemaker.item_vectors.v1"
 MANIFEST_NAME = "manifest.json"
 #: How many bad lines a failed job lists.
 _ERRORS_SHOWN = 5
+#: CPUs each read and write task reserves: they only move bytes, and a full CPU each would not fit
+#: next to the encoder actors on a small machine.
+IO_NUM_CPUS = 0.25
+
+logger = logging.getLogger(__name__)
 
 
 def text_digest(text: str) -> str:
@@ -168,6 +173,29 @@ def _compute(options: BulkEncodeConfig):
     return ActorPoolStrategy(size=options.concurrency)
 
 
+def check_resources(options: BulkEncodeConfig, available: dict[str, float], local: bool) -> None:
+    """The actor pool plus one read/write task must fit into what Ray has free, or Ray Data waits
+    forever for resources that never come. On a local Ray that is an error naming the knobs; on a
+    cluster (which may autoscale) a warning."""
+    need_cpus = options.concurrency * options.num_cpus + IO_NUM_CPUS
+    need_gpus = options.concurrency * options.num_gpus
+    free_cpus, free_gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    problems = []
+    if need_cpus > free_cpus + 1e-9:
+        problems.append(
+            f"{options.concurrency} actor(s) x {options.num_cpus:g} CPU + {IO_NUM_CPUS:g} for reading/writing = "
+            f"{need_cpus:g} CPUs, but Ray has {free_cpus:g} free"
+        )
+    if need_gpus > free_gpus + 1e-9:
+        problems.append(f"{options.concurrency} actor(s) x {options.num_gpus:g} GPU = {need_gpus:g} GPUs, but Ray has {free_gpus:g} free")
+    if not problems:
+        return
+    message = "bulk_encode does not fit: " + "; ".join(problems) + " (lower --concurrency, --num-cpus or --num-gpus)"
+    if local:
+        raise InvalidArgument(message)
+    logger.warning("%s; waiting for the cluster to provide them", message)
+
+
 def run_bulk_encode(
     items_path: str | Path,
     out_dir: str | Path,
@@ -202,10 +230,11 @@ def run_bulk_encode(
         )
         started_ray = True
     try:
+        check_resources(options, ray.available_resources(), local=config.server.ray_address is None)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = show_progress
         start = time.perf_counter()
-        dataset = ray.data.read_text(str(items_path), override_num_blocks=options.read_blocks)
+        dataset = ray.data.read_text(str(items_path), override_num_blocks=options.read_blocks, num_cpus=IO_NUM_CPUS)
         dataset = dataset.map_batches(
             ItemEncoder,
             fn_constructor_kwargs={"encoder": config.encoder, "gateway": config.gateway, "where": str(items_path)},
@@ -215,7 +244,7 @@ def run_bulk_encode(
             num_cpus=options.num_cpus,
             num_gpus=options.num_gpus,
         )
-        dataset.write_parquet(str(out_dir))
+        dataset.write_parquet(str(out_dir), ray_remote_args={"num_cpus": IO_NUM_CPUS})
         seconds = time.perf_counter() - start
         cluster_cpus = ray.cluster_resources().get("CPU", 0)
     finally:
