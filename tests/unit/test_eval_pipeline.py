@@ -162,3 +162,11 @@ def test_the_learned_ranker_experiment_learns_which_signal_picks_the_next_item()
     assert set(parts) == {"profile", "sequential", "popularity"}
     np.testing.assert_allclose(sum(parts.values()), ranker.score(features, 8), atol=1e-9)
     assert int(np.argmax(ranker.score(features, 8))) == int(np.argmax(features["sequential"]))
+
+
+def test_the_text_baseline_ranks_by_text_alone_without_exploration_slots():
+    from tastemaker.evaluation.pipeline import text_only
+
+    data, vectors = _toy(seed=5)
+    baseline = text_only(ServiceEvents(data, vectors), RetrievalConfig(exploration_slots=3), ProfileConfig())
+    assert baseline.retrieval.exploration_slots == 0 and baseline.use_graph is False

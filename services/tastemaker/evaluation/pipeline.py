@@ -311,7 +311,8 @@ def text_only(service: ServiceEvents, base: RetrievalConfig, profiles: ProfileCo
     """The zero-shot text model: profile = decayed mean of item vectors; cosine ranking."""
     return TastemakerPipeline(
         service,
-        base.model_copy(update=TEXT_ONLY_WEIGHTS),
+        # No exploration slots: the baseline is the text model's own order.
+        base.model_copy(update={**TEXT_ONLY_WEIGHTS, "exploration_slots": 0}),
         profiles,
         name="text_zero_shot",
         use_graph=False,
