@@ -5,7 +5,10 @@ re-encodes every item and search text with B and rebuilds every profile before i
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
+
+import grpc
 
 import numpy as np
 import pytest
@@ -94,6 +97,22 @@ def _expected_profile(backend: TransformersBackend, config) -> np.ndarray:
     return state.view().vector
 
 
+def _similar_when_indexed(client, accept, timeout_s: float = 30.0):
+    """SimilarItems(m1) once the retrieval replica holds all 6 items and `accept(hits)` holds (the
+    replica follows the store's change feed with a bounded delay)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            hits = list(client.similar_items("m1", page_size=5).items)
+            if len(hits) == 5 and accept(hits):
+                return hits
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        assert time.monotonic() < deadline, "the retrieval replica did not catch up within the bound"
+        time.sleep(0.1)
+
+
 def test_restart_with_another_model_reencodes_items_and_rebuilds_profiles(ray_session, tmp_path, model_b):
     config_a = make_config(tmp_path, retrieval=TEXT_ONLY, snapshot_every_events=1)
     running = start(config_a)
@@ -101,7 +120,7 @@ def test_restart_with_another_model_reencodes_items_and_rebuilds_profiles(ray_se
         running.client.upsert_items(ITEMS)
         acks = running.client.write_events(_events_pb())
         assert [a.status for a in acks] == [pb.EVENT_STATUS_ACCEPTED] * len(EVENTS)
-        similar_a = {i.item_id: i.score for i in running.client.similar_items("m1", page_size=5).items}
+        similar_a = {i.item_id: i.score for i in _similar_when_indexed(running.client, lambda hits: True)}
     finally:
         running.stop()
     store = open_store(config_a.store_url())
@@ -125,12 +144,13 @@ def test_restart_with_another_model_reencodes_items_and_rebuilds_profiles(ray_se
             store.close()
         for item_id, vector in expected_b.items():
             assert float(stored[item_id] @ vector) > 1 - 1e-4, item_id
-        # ... and so are the retrieval replica's: SimilarItems scores are B's cosines, not A's.
-        reply = running.client.similar_items("m1", page_size=5)
-        assert len(reply.items) == 5
-        for hit in reply.items:
-            assert hit.score == pytest.approx(float(expected_b["m1"] @ expected_b[hit.item_id]), abs=1e-4)
-        assert max(abs(hit.score - similar_a[hit.item_id]) for hit in reply.items) > 1e-3
+        # ... and so are the retrieval replica's (it follows the change feed): SimilarItems scores
+        # become B's cosines, not A's, within the feed's bounded delay.
+        def all_b(hits) -> bool:
+            return all(abs(h.score - float(expected_b["m1"] @ expected_b[h.item_id])) <= 1e-4 for h in hits)
+
+        hits = _similar_when_indexed(running.client, all_b)
+        assert max(abs(hit.score - similar_a[hit.item_id]) for hit in hits) > 1e-3
         # The profile was rebuilt from the log with B's item vectors and B's search-text vector.
         shard = shard_of(USER, config_b.profiles.num_shards)
         actor = ray.get_actor(shard_actor_name(config_b.server.app_name, shard), namespace=config_b.server.namespace)
