@@ -49,7 +49,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C: a clean stop
         raise KeyboardInterrupt
 
+    # SIGINT too: a shell that starts us in the background (`cmd &` without job control) sets
+    # SIGINT to ignored, and Python then never installs its Ctrl-C handler.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         start_service(config, show_progress=not args.quiet)  # progress: re-encoding after a model change
         if load_demo:
