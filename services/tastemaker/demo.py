@@ -53,20 +53,24 @@ def load_dataset(client: TastemakerClient, data: MovieLens, show_progress: bool 
 
 
 # -- user files ---------------------------------------------------------------------------
+def parse_json_object(line: str, where: str) -> dict:
+    """One line of a JSON Lines file as a JSON object; `where` (file:line) starts the error."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{where}: not valid JSON ({exc.msg}): {line[:80]!r}") from None
+    if not isinstance(record, dict):
+        raise InvalidArgument(f"{where}: each line must be a JSON object: {line[:80]!r}")
+    return record
+
+
 def _read_jsonl(path: Path) -> Iterator[dict]:
     if not path.is_file():
         raise InvalidArgument(f"{path} does not exist")
     with path.open() as f:
         for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidArgument(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise InvalidArgument(f"{path}:{line_number}: each line must be a JSON object")
-            yield record
+            if line.strip():
+                yield parse_json_object(line, f"{path}:{line_number}")
 
 
 #: The fields of a line of an items file.

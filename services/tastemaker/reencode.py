@@ -36,9 +36,9 @@ def same_vectors(recorded: str | None, identity: str) -> bool:
     """Whether vectors made by the model `recorded` names are valid for `identity`: equal pooling,
     max length and file digest. The readable name in front (the folder's name) is ignored, so a
     model folder moved or renamed does not re-encode the catalog."""
-    if recorded is None:
-        return False
-    return recorded.rsplit(":", 3)[1:] == identity.rsplit(":", 3)[1:]
+    from tastemaker.encoder.identity import same_model
+
+    return recorded is not None and same_model(identity, recorded)
 
 
 def _pipelined(encode_async: Callable[[list[str]], Callable[[], np.ndarray]], batches: Iterable[list[str]], window: int) -> Iterator[np.ndarray]:

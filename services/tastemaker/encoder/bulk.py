@@ -55,17 +55,6 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _parse_line(line: str, where: str):
-    """One line of an items file as a JSON object."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"{where}: a line is not valid JSON ({exc.msg}): {line[:80]!r}") from None
-    if not isinstance(record, dict):
-        raise InvalidArgument(f"{where}: each line must be a JSON object: {line[:80]!r}")
-    return record
-
-
 def encode_lines(
     lines: Sequence[str], backend, gateway: GatewayConfig, identity: str, where: str = "items file"
 ) -> "Any":
@@ -74,7 +63,7 @@ def encode_lines(
     one job reports every bad line instead of stopping at the first."""
     import pyarrow as pa
 
-    from tastemaker.demo import item_from_record
+    from tastemaker.demo import item_from_record, parse_json_object
     from tastemaker.gateway.convert import item_from_pb
 
     ids: list[str] = []
@@ -83,7 +72,7 @@ def encode_lines(
     texts: list[str] = []
     for line in lines:
         try:
-            item = item_from_pb(item_from_record(_parse_line(line, where), where), gateway)
+            item = item_from_pb(item_from_record(parse_json_object(line, where), where), gateway)
         except TastemakerError as exc:
             ids.append(_id_of(line))
             digests.append(None)
