@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tastemaker.config import ServiceConfig, load_config
+from tastemaker.v1 import recommender_service_pb2 as pb
 from tests.conftest import free_port
 
 _PORTS: dict[str, int] = {}
@@ -66,3 +67,15 @@ def start(config: ServiceConfig) -> RunningService:
 
     start_service(config)
     return RunningService(config)
+
+
+#: A small catalog of real movies (two animated, two horror, an action film, a comedy) for tests
+#: that need items whose texts the real encoder tells apart.
+MOVIE_ITEMS = [
+    pb.Item(item_id="m1", title="Toy Story (1995)", description="Genres: Animation, Children.", tags=["pixar"]),
+    pb.Item(item_id="m2", title="Finding Nemo (2003)", description="Genres: Animation, Children.", tags=["pixar"]),
+    pb.Item(item_id="m3", title="The Shining (1980)", description="Genres: Horror.", tags=["stephen king"]),
+    pb.Item(item_id="m4", title="Halloween (1978)", description="Genres: Horror.", tags=["slasher"]),
+    pb.Item(item_id="m5", title="Heat (1995)", description="Genres: Action, Crime, Thriller."),
+    pb.Item(item_id="m6", title="Amelie (2001)", description="Genres: Comedy, Romance."),
+]

@@ -23,18 +23,11 @@ from tastemaker.profiles.state import ProfileState, shard_of
 from tastemaker.store import open_store
 from tastemaker.store.base import ENCODER_IDENTITY_KEY, ENCODER_SWAP_PENDING_KEY
 from tastemaker.v1 import recommender_service_pb2 as pb
-from tests.integration.conftest import make_config, start
+from tests.integration.conftest import MOVIE_ITEMS, make_config, start
 
 pytestmark = pytest.mark.integration
 
-ITEMS = [
-    pb.Item(item_id="m1", title="Toy Story (1995)", description="Genres: Animation, Children.", tags=["pixar"]),
-    pb.Item(item_id="m2", title="Finding Nemo (2003)", description="Genres: Animation, Children.", tags=["pixar"]),
-    pb.Item(item_id="m3", title="The Shining (1980)", description="Genres: Horror.", tags=["stephen king"]),
-    pb.Item(item_id="m4", title="Halloween (1978)", description="Genres: Horror.", tags=["slasher"]),
-    pb.Item(item_id="m5", title="Heat (1995)", description="Genres: Action, Crime, Thriller."),
-    pb.Item(item_id="m6", title="Amelie (2001)", description="Genres: Comedy, Romance."),
-]
+ITEMS = MOVIE_ITEMS
 USER = "swap-user"
 #: (event type, item id, value, text); event n happens at time 1e9 + n days.
 EVENTS = [

@@ -11,16 +11,11 @@ import ray
 from tastemaker.profiles.actor import shard_actor_name
 from tastemaker.profiles.state import shard_of
 from tastemaker.v1 import recommender_service_pb2 as pb
-from tests.integration.conftest import make_config, start
+from tests.integration.conftest import MOVIE_ITEMS, make_config, start
 
 pytestmark = pytest.mark.integration
 
-ITEMS = [
-    pb.Item(item_id="m1", title="Toy Story (1995)", description="Genres: Animation, Children.", tags=["pixar"]),
-    pb.Item(item_id="m2", title="Finding Nemo (2003)", description="Genres: Animation, Children.", tags=["pixar"]),
-    pb.Item(item_id="m3", title="The Shining (1980)", description="Genres: Horror.", tags=["stephen king"]),
-    pb.Item(item_id="m4", title="Halloween (1978)", description="Genres: Horror.", tags=["slasher"]),
-]
+ITEMS = MOVIE_ITEMS[:4]
 
 
 def _click(user: str, n: int) -> pb.UserEvent:

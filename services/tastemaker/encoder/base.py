@@ -141,6 +141,10 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+#: Texts every backend encodes once at start-up (a short and a longer one), before it reports ready.
+WARM_UP_TEXTS = ("warm-up text for the encoder", "a second, somewhat longer warm-up text " * 4)
+
+
 class BatchPipeline:
     """Length-sorted forward batches with tokenisation overlapped with the model.
 
@@ -171,6 +175,13 @@ class BatchPipeline:
         self._executor: Optional[ThreadPoolExecutor] = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize-ahead") if tokenize_ahead else None
         )
+
+    @classmethod
+    def from_config(
+        cls, tokenize: Callable[[list[str]], Any], forward: Callable[[Any], np.ndarray], dimension: int, config: EncoderConfig
+    ) -> "BatchPipeline":
+        """The pipeline with the config's forward batch size and tokenize-ahead setting."""
+        return cls(tokenize, forward, dimension, config.resolved_forward_batch_size(), config.tokenize_ahead)
 
     def _tokenize(self, texts: list[str]) -> Any:
         with self._tokenizer_lock:

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tastemaker.config import EncoderConfig
-from tastemaker.encoder.base import BatchPipeline, check_model_folder, effective_max_length, resolve_model_path
+from tastemaker.encoder.base import WARM_UP_TEXTS, BatchPipeline, check_model_folder, effective_max_length, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +77,8 @@ class OnnxBackend:
         self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         self.dimension = int(exported.dimension)
         self.per_text = self.config.onnx_precision == "int8"
-        self._pipeline = BatchPipeline(
-            tokenize=self._tokenize,
-            forward=self._forward,
-            dimension=self.dimension,
-            batch_size=self.config.resolved_forward_batch_size(),
-            tokenize_ahead=self.config.tokenize_ahead,
-        )
-        self.encode(["warm-up text for the encoder", "a second, somewhat longer warm-up text " * 4])
+        self._pipeline = BatchPipeline.from_config(self._tokenize, self._forward, self.dimension, self.config)
+        self.encode(list(WARM_UP_TEXTS))
 
     def _tokenize(self, texts: list[str]) -> Any:
         if self.per_text:  # one unpadded (1, length) feed per text

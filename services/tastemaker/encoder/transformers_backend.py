@@ -12,6 +12,7 @@ import numpy as np
 
 from tastemaker.config import EncoderConfig
 from tastemaker.encoder.base import (
+    WARM_UP_TEXTS,
     BatchPipeline,
     bundled_model_path,
     check_model_folder,
@@ -72,14 +73,8 @@ class TransformersBackend:
         self._model = model.to(self.device).eval()
         self.dimension = int(model.config.hidden_size)
         self.max_length = effective_max_length(self.config.max_length, self._tokenizer, model.config)
-        self._pipeline = BatchPipeline(
-            tokenize=self._tokenize,
-            forward=self._forward,
-            dimension=self.dimension,
-            batch_size=self.config.resolved_forward_batch_size(),
-            tokenize_ahead=self.config.tokenize_ahead,
-        )
-        self.encode(["warm-up text for the encoder", "a second, somewhat longer warm-up text " * 4])
+        self._pipeline = BatchPipeline.from_config(self._tokenize, self._forward, self.dimension, self.config)
+        self.encode(list(WARM_UP_TEXTS))
 
     def _tokenize(self, texts: list[str]) -> Any:
         batch = self._tokenizer(
