@@ -155,6 +155,9 @@ class RetrievalConfig(_Strict):
     sequential_weight: float = Field(0.6, description="Weight of next-item transitions (scaled to [0, 1] per request).")
     collaborative_weight: float = Field(0.4, description="Weight of item co-occurrence neighbours (scaled to [0, 1]).")
     trending_weight: float = Field(0.05, description="Weight of recent decayed popularity in [0, 1].")
+    factor_weight: float = Field(
+        0.2, description="Weight of the matrix-factorisation score (ALS item factors · the user folded in from their recent items; scaled to [0, 1] per request)."
+    )
     sequential_window: int = Field(3, ge=1, description="Items after an item that count as 'consumed next'.")
     sequential_history: int = Field(5, ge=1, description="The user's last items that propose next items.")
     sequential_decay: float = Field(0.7, gt=0, le=1, description="Weight of each older history item.")
@@ -175,6 +178,10 @@ class RetrievalConfig(_Strict):
     )
     cooccurrence_window: int = Field(10, ge=2, description="Liked items of one user that co-occur.")
     trending_half_life_days: float = Field(7.0, gt=0, description="Decay of the trending counts.")
+    factors: int = Field(64, ge=0, description="Dimension of the ALS item factors learned by `tastemaker fit` (0 = no factors).")
+    factor_regularization: float = Field(0.1, ge=0, description="ALS L2 regularisation.")
+    factor_alpha: float = Field(10.0, ge=1, description="ALS confidence of a consumed item (unobserved items have 1).")
+    factor_iterations: int = Field(15, ge=1, description="ALS sweeps over users and items.")
     artifact_check_s: float = Field(10.0, gt=0, description="How often replicas look for a newer fitted model.")
     index_dir: Optional[str] = Field(
         None,

@@ -57,6 +57,7 @@ class CandidateSource(enum.IntEnum):
     SEQUENTIAL = 5
     COLLABORATIVE = 6
     TRENDING = 7
+    FACTORS = 8
 
 
 @dataclass

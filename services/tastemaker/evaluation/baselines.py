@@ -24,9 +24,11 @@ from tastemaker.evaluation.data import Interactions
 class TrainData:
     """What a model may learn from in one segment: events in log order and derived matrices."""
 
-    def __init__(self, data: Interactions, events: np.ndarray):
+    def __init__(self, data: Interactions, events: np.ndarray, moment: Optional[float] = None):
         self.data = data
         self.events = np.asarray(events, dtype=np.int64)
+        #: The segment's request moment (`Segment.moment`; None = each user's last training event).
+        self.moment = moment
         self.n_users, self.n_items = data.n_users, data.n_items
         users, items = data.user[self.events], data.item[self.events]
         #: Binary user x item matrix (pairs are unique after loading).

@@ -199,7 +199,7 @@ def learned_ranker(out: Path, params: Optional[dict[str, Any]] = None, seed: int
     fitted = {}
     for name in ("validation", "test"):
         segment = getattr(split, name).segments[0]
-        fitted[name] = (method.fit(TrainData(data, segment.train), params), segment)
+        fitted[name] = (method.fit(TrainData(data, segment.train, segment.moment), params), segment)
         fitted[name][0].set_retrieval(retrieval)
     other = not retrieval.sequential_normalise
 

@@ -31,7 +31,7 @@ from tastemaker.domain import EventType, Item, ProfileView, RecommendQuery, User
 from tastemaker.evaluation.baselines import Fitted, Method, TrainData
 from tastemaker.evaluation.data import Interactions
 from tastemaker.profiles.state import ProfileState
-from tastemaker.retrieval.collaborative import InteractionGraph, graph_params
+from tastemaker.retrieval.collaborative import CONSUMED, InteractionGraph, graph_params
 from tastemaker.retrieval.ranking import Retriever
 
 #: The RetrievalConfig fields tuned on validation (the hybrid score's blend weights and the
@@ -43,6 +43,7 @@ TUNED_FIELDS = (
     "popularity_weight",
     "negative_weight",
     "trending_weight",
+    "factor_weight",
     "sequential_history",
     "sequential_decay",
     "sequential_normalise",
@@ -50,9 +51,10 @@ TUNED_FIELDS = (
     # the rating that counts as neutral (below it a rating pushes the profile away and does not
     # count as "liked" for co-occurrence). `profiles.` keys live in the service's profiles section.
     "sequential_window",
+    "trending_half_life_days",
     "profiles.weights.rating_centre",
 )
-FIT_FIELDS = ("sequential_window", "profiles.weights.rating_centre")
+FIT_FIELDS = ("sequential_window", "trending_half_life_days", "profiles.weights.rating_centre")
 
 
 def configs_for(
@@ -99,6 +101,7 @@ TEXT_ONLY_WEIGHTS = dict(
     popularity_weight=0.0,
     negative_weight=0.0,
     trending_weight=0.0,
+    factor_weight=0.0,
 )
 
 #: Values tried per field by the coordinate search (plus the starting value).
@@ -111,7 +114,9 @@ SEARCH_SPACE: dict[str, list[float]] = {
     "collaborative_weight": [0.0, 0.4, 1.0],
     "popularity_weight": [0.0, 0.05, 0.15],
     "negative_weight": [0.0, 0.5],
-    "trending_weight": [0.0, 0.05],
+    "trending_weight": [0.0, 0.05, 0.1, 0.2],
+    "trending_half_life_days": [7.0, 30.0, 180.0],
+    "factor_weight": [0.0, 0.1, 0.2, 0.4, 0.8],
     "sequential_history": [3, 5, 10],
     "sequential_decay": [0.5, 0.7, 0.9],
 }
@@ -133,6 +138,12 @@ SEARCH_SEEDS: list[dict[str, float]] = [
     dict(
         sequential_normalise=False, sequential_window=5, sequential_history=5, sequential_decay=0.8,
         sequential_weight=2.0, profile_weight=2.0,
+    ),
+    # The same, with the matrix factors and what is trending at the time of the request.
+    dict(
+        sequential_normalise=False, sequential_window=5, sequential_history=5, sequential_decay=0.8,
+        sequential_weight=2.0, profile_weight=1.6, factor_weight=0.4, trending_weight=0.2,
+        trending_half_life_days=30.0, collaborative_weight=0.0, popularity_weight=0.0,
     ),
 ]
 QUICK_SEARCH_SEEDS: list[dict[str, float]] = [{}, dict(TEXT_ONLY_WEIGHTS)]
@@ -232,9 +243,99 @@ class _FrozenGraph(InteractionGraph):
             memo[key] = super().sequential_scores(recent, history, decay, normalise)
         return memo[key]
 
+    def factor_user(self, recent):
+        memo = getattr(self, "_memo", None)
+        if memo is None:
+            return super().factor_user(recent)
+        key = ("mf", self._history_key(recent))
+        if key not in memo:
+            memo[key] = super().factor_user(recent)
+        return memo[key]
+
+    # -- the request moment -------------------------------------------------------------
+    # A replica's trending counts are as of the newest event it has seen: the moment of the
+    # request. A segment's graph is fitted on every training event, which under leave-last-out
+    # includes other users' events from years after this user's last one; scoring "trending" from
+    # those would hand the model the future. So the trending counts are replayed in log order by
+    # the service's own `count_trend` and read as of each user's request moment.
+    def set_timeline(self, timeline: Optional["TrendTimeline"]) -> None:
+        self._timeline = timeline
+        self._now: Optional[np.ndarray] = None
+
+    def at_moment(self, user: int) -> None:
+        timeline = getattr(self, "_timeline", None)
+        self._now = None if timeline is None else timeline.at(user)
+
+    def trend_score(self, item_id):
+        now = getattr(self, "_now", None)
+        if now is None:
+            return super().trend_score(item_id)
+        return float(now[self._timeline.index[item_id]])
+
+    def trending(self, k, eligible=None):
+        now = getattr(self, "_now", None)
+        if now is None:
+            return super().trending(k, eligible)
+        ids = self._timeline.ids
+        order = np.argsort(-now, kind="stable")
+        out = []
+        for i in order:
+            if now[i] <= 0 or len(out) >= k:
+                break
+            if eligible is None or eligible(ids[i]):
+                out.append((ids[i], float(now[i])))
+        return out
+
     def release(self) -> None:
         """Drop the memo (its dicts are large) once a segment is done."""
         self._memo = {}
+        self._timeline = None
+        self._now = None
+
+
+class TrendTimeline:
+    """Per user, the trending scores (`trend_score`, in [0, 1]) a replica would hold at that user's
+    request moment: each training event replayed in log order through `InteractionGraph.count_trend`
+    (the service's code), read off right after the user's last training event, or at the segment's
+    shared moment (time_cutoff) — which is after every training event."""
+
+    def __init__(self, ids: list[str], index: dict[str, int], rows: dict[int, int], values: np.ndarray):
+        self.ids, self.index, self.rows, self.values = ids, index, rows, values
+
+    @classmethod
+    def build(cls, graph: InteractionGraph, train: TrainData, service: "ServiceEvents") -> "TrendTimeline":
+        data = service.data
+        events = train.events
+        users = data.user[events]
+        if train.moment is None:
+            last = np.full(data.n_users, -1, dtype=np.int64)
+            last[users] = np.arange(events.shape[0])  # later positions overwrite: the last one
+        else:
+            last = np.where(np.bincount(users, minlength=data.n_users) > 0, events.shape[0] - 1, -1)
+        wanted: dict[int, list[int]] = {}
+        for user in np.nonzero(last >= 0)[0]:
+            wanted.setdefault(int(last[user]), []).append(int(user))
+        replay = InteractionGraph(graph.params, graph.weights)
+        ids = [item.item_id for item in service.items]
+        rows: dict[int, int] = {}
+        values = np.zeros((len(wanted), len(ids)), dtype=np.float32)
+        for position, e in enumerate(events):
+            event = service.events[e]
+            if event.item_id and event.event_type in CONSUMED:
+                replay.count_trend(event.item_id, event.event_time)
+            if position in wanted:
+                row = len(set(rows.values()))
+                snapshot = values[row]
+                top = replay.trend_top or 1.0
+                for item_id, value in replay.trend.items():
+                    snapshot[service.alias_to_index[item_id]] = value / top
+                for user in wanted[position]:
+                    rows[user] = row
+        return cls(ids, service.alias_to_index, rows, values)
+
+    def at(self, user: int) -> Optional[np.ndarray]:
+        row = self.rows.get(user)
+        return None if row is None else self.values[row]
 
 
 class FittedPipeline(Fitted):
@@ -255,6 +356,8 @@ class FittedPipeline(Fitted):
         for row, user in enumerate(users):
             user = int(user)
             view = self.profiles.get(user) or ProfileView(user_id=user_alias(user))
+            if isinstance(self.retriever.graph, _FrozenGraph):
+                self.retriever.graph.at_moment(user)
             ranked = self.retriever.recommend(RecommendQuery(user_id=view.user_id, page_size=k), view)
             indices = [lookup[s.item_id] for s in ranked]
             out[row, : len(indices)] = indices
@@ -303,6 +406,7 @@ class TastemakerPipeline(Method):
             graph = _FrozenGraph(graph_params(config), profile_config.weights)
             graph.fit(events[e] for e in train.events)
             graph.freeze()
+            graph.set_timeline(TrendTimeline.build(graph, train, self.service))
         retriever = self.service.retriever(config, graph, train.popularity)
         return FittedPipeline(self.service, retriever, {u: s.view() for u, s in states.items()})
 

@@ -22,7 +22,7 @@ event in a segment are evaluated there (users with no history are a different pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -39,6 +39,9 @@ class Segment:
     users: np.ndarray  # int32 evaluated users
     targets: np.ndarray  # int32 their target item
     label: str = ""
+    #: When the recommendations are asked for, if one moment for everybody (time_cutoff: the
+    #: cutoff); None = each user right after their own last training event.
+    moment: Optional[float] = None
 
 
 @dataclass
@@ -73,7 +76,9 @@ def _positions(data: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return by_user, starts, counts
 
 
-def _segment(data: Interactions, train_mask: np.ndarray, target_events: np.ndarray, label: str) -> Segment:
+def _segment(
+    data: Interactions, train_mask: np.ndarray, target_events: np.ndarray, label: str, moment: Optional[float] = None
+) -> Segment:
     """Keep only targets whose user has a training event."""
     train = np.nonzero(train_mask)[0]
     has_history = np.zeros(data.n_users, dtype=bool)
@@ -85,6 +90,7 @@ def _segment(data: Interactions, train_mask: np.ndarray, target_events: np.ndarr
         users=data.user[target_events].astype(np.int32),
         targets=data.item[target_events].astype(np.int32),
         label=label,
+        moment=moment,
     )
 
 
@@ -132,11 +138,11 @@ def time_cutoff(
     val_moments = [float(np.quantile(data.time, q)) for q in val_q]
     first_test = test_moments[0]
     test_segments = [
-        _segment(data, data.time < moment, _first_in_window(data, moment, np.inf), f"q{q:g}")
+        _segment(data, data.time < moment, _first_in_window(data, moment, np.inf), f"q{q:g}", moment)
         for q, moment in zip(test_q, test_moments)
     ]
     val_segments = [
-        _segment(data, data.time < moment, _first_in_window(data, moment, first_test), f"q{q:g}")
+        _segment(data, data.time < moment, _first_in_window(data, moment, first_test), f"q{q:g}", moment)
         for q, moment in zip(val_q, val_moments)
     ]
     return Split(

@@ -106,7 +106,7 @@ class _FoldRunner:
 
     def __init__(self, data: Interactions, fold: Fold):
         self.fold = fold
-        self.trains = [TrainData(data, s.train) for s in fold.segments]
+        self.trains = [TrainData(data, s.train, s.moment) for s in fold.segments]
 
     def sample(self, max_users: Optional[int], seed: int) -> "_FoldRunner":
         """The same training sets with at most `max_users` targets in all (a seeded sample), to
@@ -119,7 +119,7 @@ class _FoldRunner:
         for segment in self.fold.segments:
             n = segment.users.shape[0]
             mine = chosen[(chosen >= offset) & (chosen < offset + n)] - offset
-            segments.append(Segment(segment.train, segment.users[mine], segment.targets[mine], segment.label))
+            segments.append(Segment(segment.train, segment.users[mine], segment.targets[mine], segment.label, segment.moment))
             offset += n
         sampled = _FoldRunner.__new__(_FoldRunner)
         sampled.fold = Fold(self.fold.name, segments)

@@ -13,6 +13,10 @@ fresh fit over the log and an incremental follow of the same log give identical 
 - **trending**: per-item counts decayed with `trending_half_life_days`, relative to the newest
   event time seen (not the wall clock, so replays and old data behave the same).
 
+A full fit (`fit`, `fit_graph`) also learns **matrix factors** (`factors.FactorModel`: implicit
+ALS item factors; users are folded in per request). They are not updated incrementally: items
+that arrive after the fit score 0 on that signal until the next `tastemaker fit`.
+
 Serialised without pickle: arrays in an `.npz` plus JSON for ids and user tails.
 """
 
@@ -31,10 +35,11 @@ import numpy as np
 from tastemaker.config import EventWeights
 from tastemaker.domain import EventType, HistoryEntry, UserEvent
 from tastemaker.profiles.state import event_weight
+from tastemaker.retrieval.factors import FactorModel, FactorParams, PairCollector
 from tastemaker.store.base import user_hash
 
 #: Event types that mean "the user consumed the item" for transitions (skips/dislikes do not).
-_CONSUMED = frozenset(
+CONSUMED = frozenset(
     {EventType.VIEW, EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE, EventType.RATING, EventType.REVIEW}
 )
 #: Rescale trending counts before 2^x overflows (float64 holds up to 2^1023).
@@ -49,6 +54,8 @@ class GraphParams:
     cooccurrence_window: int = 10
     trending_half_life_days: float = 7.0
     user_tail: int = 10
+    #: Matrix factors learned by a full fit; None = none.
+    factors: Optional[FactorParams] = None
 
 
 class InteractionGraph:
@@ -69,11 +76,13 @@ class InteractionGraph:
         self.consumed_tail: dict[str, deque] = {}
         self.liked_tail: dict[str, deque] = {}
         self.events_seen = 0
+        #: Item factors from the last full fit (None before one, or when turned off).
+        self.factors: Optional[FactorModel] = None
 
     # -- learning -------------------------------------------------------------------------
     def observe(self, event: UserEvent) -> None:
         """Fold one event (in log order) into every aggregate."""
-        if not event.item_id or event.event_type not in _CONSUMED:
+        if not event.item_id or event.event_type not in CONSUMED:
             return
         self.events_seen += 1
         item, user = event.item_id, event.user_id
@@ -95,9 +104,10 @@ class InteractionGraph:
                         row[b] = row.get(b, 0.0) + 1.0
                         self.co_degree[a] = self.co_degree.get(a, 0.0) + 1.0
             liked.append(item)
-        self._count_trend(item, event.event_time)
+        self.count_trend(item, event.event_time)
 
-    def _count_trend(self, item: str, event_time: float) -> None:
+    def count_trend(self, item: str, event_time: float) -> None:
+        """Add one consumption of `item` at `event_time` to the decayed trending counts."""
         half_life = self.params.trending_half_life_days * 86_400.0
         if self.trend_origin is None:
             self.trend_origin = event_time
@@ -113,10 +123,36 @@ class InteractionGraph:
         self.newest_time = max(self.newest_time, event_time)
 
     def fit(self, events: Iterable[UserEvent]) -> "InteractionGraph":
-        """Learn from a whole log in order (the offline job); returns self."""
+        """Learn from a whole log in order (the offline job), matrix factors included; returns self."""
+        pairs = PairCollector()
         for event in events:
             self.observe(event)
+            self.collect(event, pairs)
+        self.fit_factors(pairs)
         return self
+
+    @staticmethod
+    def collect(event: UserEvent, pairs: PairCollector) -> None:
+        """Note a consumption for the matrix factors (same events as the transitions)."""
+        if event.item_id and event.event_type in CONSUMED:
+            pairs.add(event.user_id, event.item_id)
+
+    def fit_factors(self, pairs: PairCollector) -> None:
+        """Learn the item factors from the pairs of a full pass (when `params.factors` is set)."""
+        if self.params.factors is not None and self.params.factors.factors > 0:
+            self.factors = FactorModel.fit(pairs, self.params.factors)
+
+    def factor_user(self, recent: Sequence[HistoryEntry]) -> Optional[np.ndarray]:
+        """The user's factors folded in from their consumed history items (None without any)."""
+        if self.factors is None:
+            return None
+        return self.factors.user_vector(h.item_id for h in recent if h.event_type in CONSUMED)
+
+    def factor_anchors(self, item_ids: Sequence[str], recent: Sequence[HistoryEntry]) -> dict[str, str]:
+        """Per item, the consumed history item whose factors agree with it most."""
+        if self.factors is None:
+            return {}
+        return self.factors.anchors(item_ids, [h.item_id for h in recent if h.event_type in CONSUMED])
 
     def forget_users(self, user_hashes: Iterable[str]) -> int:
         """Drop the per-user tails of erased users (named by `store.user_hash`); the anonymous
@@ -138,6 +174,8 @@ class InteractionGraph:
             self.co_counts.pop(item_id, None)
             self.trend.pop(item_id, None)
         self.trend_top = max(self.trend.values(), default=0.0)
+        if self.factors is not None:
+            self.factors.forget_items(item_ids)
 
     # -- scoring --------------------------------------------------------------------------
     def sequential_scores(
@@ -148,7 +186,7 @@ class InteractionGraph:
         each anchor's counts are divided by its total (a transition probability); without, the
         raw distance-weighted counts are summed, so a popular follower of the last item outranks
         a rare one that always follows it."""
-        consumed = [h.item_id for h in recent if h.event_type in _CONSUMED][-history:]
+        consumed = [h.item_id for h in recent if h.event_type in CONSUMED][-history:]
         totals: dict[str, float] = {}
         best: dict[str, tuple[float, str]] = {}
         for age, anchor in enumerate(reversed(consumed)):
@@ -213,6 +251,7 @@ class InteractionGraph:
         co_r, co_c, co_v = coo(self.co_counts)
         trend_i = np.asarray([idx(i) for i in self.trend], np.int64)
         trend_v = np.asarray(list(self.trend.values()), np.float64)
+        factor_arrays = self.factors.arrays(idx) if self.factors is not None else {}
         meta = {
             "ids": list(ids),
             "trend_origin": self.trend_origin,
@@ -228,6 +267,7 @@ class InteractionGraph:
             next_r=next_r, next_c=next_c, next_v=next_v,
             co_r=co_r, co_c=co_c, co_v=co_v,
             trend_i=trend_i, trend_v=trend_v,
+            **factor_arrays,
         )
         return buffer.getvalue()
 
@@ -249,6 +289,8 @@ class InteractionGraph:
         graph.trend_origin = meta["trend_origin"]
         graph.newest_time = meta["newest_time"]
         graph.events_seen = meta["events_seen"]
+        if params.factors is not None and params.factors.factors > 0:
+            graph.factors = FactorModel.from_arrays(data, ids, params.factors)
         tail_len = max(params.user_tail, params.sequential_window)
         graph.consumed_tail = {u: deque(t, maxlen=tail_len) for u, t in meta["consumed_tail"].items()}
         graph.liked_tail = {u: deque(t, maxlen=params.cooccurrence_window) for u, t in meta["liked_tail"].items()}
@@ -265,6 +307,14 @@ def graph_params(config) -> GraphParams:
         sequential_window=config.sequential_window,
         cooccurrence_window=config.cooccurrence_window,
         trending_half_life_days=config.trending_half_life_days,
+        factors=FactorParams(
+            factors=config.factors,
+            regularization=config.factor_regularization,
+            alpha=config.factor_alpha,
+            iterations=config.factor_iterations,
+        )
+        if config.factors > 0
+        else None,
     )
 
 
@@ -338,13 +388,16 @@ class GraphFollower:
 def fit_graph(store, params: GraphParams, weights: EventWeights, progress=None) -> tuple[InteractionGraph, int]:
     """The offline job: learn the graph from the whole event log; returns (graph, last seq)."""
     graph = InteractionGraph(params, weights)
+    pairs = PairCollector()
     seq = 0
     while True:
         batch = store.events_after(seq, limit=20_000)
         if not batch:
+            graph.fit_factors(pairs)
             return graph, seq
         for stored in batch:
             graph.observe(stored.event)
+            graph.collect(stored.event, pairs)
         seq = batch[-1].seq
         if progress is not None:
             progress.update(len(batch))

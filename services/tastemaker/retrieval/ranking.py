@@ -136,6 +136,7 @@ class Retriever:
             "sequential": cfg.sequential_weight,
             "collaborative": cfg.collaborative_weight,
             "trending": cfg.trending_weight,
+            "factors": cfg.factor_weight,
         }
         return {
             name: weights[name] * values
@@ -184,6 +185,11 @@ class Retriever:
                 top = heapq.nlargest(cfg.candidate_pool, graph_scores[name].items(), key=lambda kv: (kv[1][0], kv[0]))
                 for item_id, _ in top:
                     sources.setdefault(item_id, set()).add(source)
+        factor_user = self.graph.factor_user(profile.recent) if self.graph is not None and cfg.factor_weight else None
+        if factor_user is not None:
+            for item_id, _ in self.graph.factors.top(factor_user, cfg.candidate_pool, eligible):
+                sources.setdefault(item_id, set()).add(CandidateSource.FACTORS)
+        if self.graph is not None:
             if profile.vector is None:  # cold users: what is popular lately, not only ever
                 for item_id, _ in self.graph.trending(cfg.candidate_pool // 4, eligible):
                     sources.setdefault(item_id, set()).add(CandidateSource.TRENDING)
@@ -220,6 +226,12 @@ class Retriever:
                 anchors[name] = {i: found[i][1] for i in ids if i in found}
         if self.graph is not None:
             features["trending"] = np.array([self.graph.trend_score(i) for i in ids])
+        if factor_user is not None:
+            raw = self.graph.factors.scores(factor_user, ids)
+            # Scaled per request like the transitions: the best match scores 1.
+            top = float(raw.max()) if raw.size and raw.max() > 0 else 1.0
+            features["factors"] = raw / top
+            anchors["factors"] = self.graph.factor_anchors(ids, profile.recent)
         return Candidates(ids, vectors, sources, features, anchors)
 
     def _explore(
@@ -290,13 +302,15 @@ class Retriever:
             ranked = sorted(((v, k) for k, v in parts.items() if k != "negative" and v > 0), reverse=True)
             main = ranked[0][1] if ranked else "popularity"
         anchor_id = (anchors or {}).get(main, {}).get(item_id)
-        if main in ("sequential", "collaborative") and anchor_id:
+        if main in ("sequential", "collaborative", "factors") and anchor_id:
             entry = next((h for h in reversed(profile.recent) if h.item_id == anchor_id), None)
             meta = self.catalog.items.get(anchor_id)
             title = meta.title if meta else anchor_id
             yours = f", which you {_action(entry).format(title='').replace('  ', ' ').strip()}" if entry else ""
             if main == "sequential":
                 return f"people often pick this right after {title}{yours}"
+            if main == "factors":
+                return f"people who share your taste for {title} liked this{yours}"
             return f"people who liked {title} also liked this{yours}"
         if main == "trending":
             return "trending lately"

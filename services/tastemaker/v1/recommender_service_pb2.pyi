@@ -40,6 +40,7 @@ class CandidateSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CANDIDATE_SOURCE_SEQUENTIAL: _ClassVar[CandidateSource]
     CANDIDATE_SOURCE_COLLABORATIVE: _ClassVar[CandidateSource]
     CANDIDATE_SOURCE_TRENDING: _ClassVar[CandidateSource]
+    CANDIDATE_SOURCE_FACTORS: _ClassVar[CandidateSource]
 EVENT_TYPE_UNSPECIFIED: EventType
 EVENT_TYPE_VIEW: EventType
 EVENT_TYPE_CLICK: EventType
@@ -62,6 +63,7 @@ CANDIDATE_SOURCE_SIMILAR_ITEM: CandidateSource
 CANDIDATE_SOURCE_SEQUENTIAL: CandidateSource
 CANDIDATE_SOURCE_COLLABORATIVE: CandidateSource
 CANDIDATE_SOURCE_TRENDING: CandidateSource
+CANDIDATE_SOURCE_FACTORS: CandidateSource
 
 class Item(_message.Message):
     __slots__ = ("item_id", "title", "description", "tags", "attributes", "update_time", "vector")
