@@ -46,17 +46,22 @@ def test_pipeline_is_the_service_path_applied_to_the_training_events():
     users = np.arange(data.n_users)
     ranked = fitted.recommend(users, 10)
 
-    # The same thing built by hand from the service's classes, as a shard + replica would.
+    # The same thing built by hand from the service's classes, as a shard + replica would: the
+    # graph as `tastemaker fit` learns it (matrix factors included), and its trending counts as a
+    # replica holds them when this user asks, right after their last training event.
     states: dict[int, ProfileState] = {}
-    graph = InteractionGraph(graph_params(retrieval), profiles.weights)
+    graph = InteractionGraph(graph_params(retrieval), profiles.weights).fit(service.events[e] for e in train.events)
+    assert graph.factors is not None
     for e in train.events:
         u = int(data.user[e])
         states.setdefault(u, ProfileState(user_id=user_alias(u))).apply(service.events[e], vectors[data.item[e]], int(e), profiles)
-        graph.observe(service.events[e])
     retriever = Retriever(retrieval, graph)
     retriever.upsert(service.items)
     retriever.catalog.set_popularity({item_alias(i): int(c) for i, c in enumerate(train.popularity) if c})
     for u in users:
+        until = train.events[: int(np.nonzero(data.user[train.events] == u)[0][-1]) + 1]
+        then = InteractionGraph(graph_params(retrieval), profiles.weights).fit(service.events[e] for e in until)
+        graph.trend, graph.trend_top = then.trend, then.trend_top
         expected = [s.item_id for s in retriever.recommend(RecommendQuery(user_id=user_alias(u), page_size=10), states[u].view())]
         got = [item_alias(i) for i in ranked[u] if i >= 0]
         assert got == expected
@@ -170,3 +175,31 @@ def test_the_text_baseline_ranks_by_text_alone_without_exploration_slots():
     data, vectors = _toy(seed=5)
     baseline = text_only(ServiceEvents(data, vectors), RetrievalConfig(exploration_slots=3), ProfileConfig())
     assert baseline.retrieval.exploration_slots == 0 and baseline.use_graph is False
+
+
+def test_trending_is_read_at_each_users_request_moment_never_from_later_events():
+    items = [Item(item_id=f"m{i}", title=f"Movie {i}") for i in range(6)]
+    rows = [InteractionRow("early", "m0", 0.0, 4.0, EventType.RATING), InteractionRow("early", "m1", 60.0, 4.0, EventType.RATING)]
+    # After "early" stopped, m5 became the hit of the day.
+    rows += [InteractionRow(f"fan{u}", "m5", 86_400.0 + u, 4.0, EventType.RATING) for u in range(8)]
+    rows += [InteractionRow(f"fan{u}", "m2", 86_500.0 + u, 4.0, EventType.RATING) for u in range(8)]
+    rows += [InteractionRow("late", "m3", 90_000.0, 4.0, EventType.RATING)]
+    data = build_interactions("toy", items, rows, seed=0)
+    vectors = np.eye(6, dtype=np.float32)
+    service = ServiceEvents(data, vectors)
+    index = {item.item_id: i for i, item in enumerate(data.items)}
+    user = {name: i for i, name in enumerate(data.user_ids)}
+    m5 = item_alias(index["m5"])
+
+    def trend(fitted, name):
+        graph = fitted.retriever.graph
+        graph.at_moment(user[name])
+        return graph.trend_score(m5)
+
+    own_moment = TastemakerPipeline(service, RetrievalConfig(), ProfileConfig()).fit(TrainData(data, np.arange(data.n_events)), {})
+    assert trend(own_moment, "early") == 0.0  # m5's run came after early's last event
+    assert trend(own_moment, "late") == pytest.approx(1.0, rel=1e-3)  # about the top item when late asks
+    shared = TastemakerPipeline(service, RetrievalConfig(), ProfileConfig()).fit(
+        TrainData(data, np.arange(data.n_events), moment=1e6), {}
+    )
+    assert trend(shared, "early") == pytest.approx(1.0, rel=1e-3)  # one moment for all: after every event

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 
 @dataclass
@@ -85,16 +86,18 @@ class FactorModel:
         )
         matrix.sum_duplicates()
         matrix.data[:] = params.alpha  # binary: repeats of a pair count once
-        model = AlternatingLeastSquares(
-            factors=params.factors,
-            regularization=params.regularization,
-            alpha=1.0,  # the confidence is already in the matrix
-            iterations=params.iterations,
-            use_cg=False,  # exact least squares: the fold-in below is then the same step
-            random_state=params.seed,
-            num_threads=1,
-        )
-        model.fit(matrix, show_progress=False)
+        # implicit runs its own threads; BLAS threads inside them would only contend.
+        with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=params.factors,
+                regularization=params.regularization,
+                alpha=1.0,  # the confidence is already in the matrix
+                iterations=params.iterations,
+                use_cg=False,  # exact least squares: the fold-in below is then the same step
+                random_state=params.seed,
+                num_threads=1,
+            )
+            model.fit(matrix, show_progress=False)
         return cls(list(pairs.items), np.asarray(model.item_factors), params)
 
     # -- scoring --------------------------------------------------------------------------
