@@ -8,9 +8,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from tastemaker.errors import TastemakerError
+
+if TYPE_CHECKING:
+    from tastemaker.config import ServiceConfig
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -64,6 +67,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             (data_dir / DEMO_DONE_MARKER).write_text(f"{items} items, {events} events\n")
             (data_dir / DEMO_PENDING_MARKER).unlink(missing_ok=True)
             print(f"tastemaker: demo loaded: {items} items, {events} rating events", flush=True)
+            # What `tastemaker fit` does: transitions, co-occurrence and matrix factors learned from
+            # the whole demo log; the replicas swap them in within retrieval.artifact_check_s.
+            print(f"tastemaker: {fit_artifact(config, show_progress=not args.quiet)}", flush=True)
         print(f"tastemaker: READY, gRPC on {target} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
@@ -214,28 +220,34 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    """Fit the collaborative/sequential models from the event log and publish them to the store;
-    running retrieval replicas swap them in within `retrieval.artifact_check_s`."""
+def fit_artifact(config: ServiceConfig, show_progress: bool = True) -> str:
+    """Fit the collaborative/sequential models and the matrix factors from the event log and
+    publish them to the store; returns a one-line summary."""
     from tqdm import tqdm
 
     from tastemaker.retrieval.collaborative import GRAPH_ARTIFACT, fit_graph, graph_params
     from tastemaker.store import open_store
 
-    config = _config_from_args(args)
     store = open_store(config.store_url())
     try:
-        with tqdm(desc="fitting from the event log", unit="event") as bar:
+        with tqdm(desc="fitting from the event log", unit="event", disable=not show_progress) as bar:
             graph, seq = fit_graph(store, graph_params(config.retrieval), config.profiles.weights, progress=bar)
         blob = graph.to_bytes()
         store.save_artifact(GRAPH_ARTIFACT, seq, blob)
     finally:
         store.close()
-    print(
+    factors = f"{len(graph.factors.item_ids)} items x {graph.factors.dim} factors" if graph.factors else "no matrix factors"
+    return (
         f"fitted {GRAPH_ARTIFACT} on {graph.events_seen} events (log seq {seq}): "
         f"{sum(len(r) for r in graph.next_counts.values())} transitions, "
-        f"{sum(len(r) for r in graph.co_counts.values())} co-occurrence pairs, {len(blob) / 1e6:.1f} MB"
+        f"{sum(len(r) for r in graph.co_counts.values())} co-occurrence pairs, {factors}, {len(blob) / 1e6:.1f} MB"
     )
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Fit the collaborative/sequential models and matrix factors from the event log and publish
+    them to the store; running retrieval replicas swap them in within `retrieval.artifact_check_s`."""
+    print(fit_artifact(_config_from_args(args)))
     return 0
 
 

@@ -13,7 +13,7 @@ from tastemaker.retrieval.collaborative import InteractionGraph, graph_params
 from tastemaker.retrieval.factors import FactorModel, FactorParams, PairCollector
 from tastemaker.retrieval.ranking import Retriever
 
-PARAMS = FactorParams(factors=4, regularization=1.0, alpha=10.0, iterations=10, seed=0)
+PARAMS = FactorParams(factors=2, regularization=1.0, alpha=10.0, iterations=10, seed=0)
 
 
 def _two_tastes(n_users: int = 60, seed: int = 0) -> list[UserEvent]:
@@ -94,7 +94,7 @@ def test_too_little_data_gives_no_model():
 
 
 def test_the_graph_fits_factors_on_consumption_and_keeps_them_through_serialisation():
-    config = RetrievalConfig(factors=4, factor_regularization=1.0, factor_iterations=10)
+    config = RetrievalConfig(factors=2, factor_regularization=1.0, factor_iterations=10)
     params = graph_params(config)
     events = _two_tastes()
     # A dislike is not consumption: it must not make d0 part of anybody's taste.
@@ -122,7 +122,7 @@ def _unit(v):
 def test_ranking_proposes_factor_matches_with_a_grounded_reason():
     events = _two_tastes()
     config = RetrievalConfig(
-        factors=4, factor_regularization=1.0, factor_iterations=10, factor_weight=1.0, profile_weight=0.0, sequential_weight=0.0,
+        factors=2, factor_regularization=1.0, factor_iterations=10, factor_weight=1.0, profile_weight=0.0, sequential_weight=0.0,
         collaborative_weight=0.0, popularity_weight=0.0, trending_weight=0.0, exploration_slots=0,
     )
     graph = InteractionGraph(graph_params(config), EventWeights()).fit(events)
