@@ -53,8 +53,14 @@ TUNED_FIELDS = (
     "sequential_window",
     "trending_half_life_days",
     "profiles.weights.rating_centre",
+    "profiles.half_life_days",
 )
-FIT_FIELDS = ("sequential_window", "trending_half_life_days", "profiles.weights.rating_centre")
+FIT_FIELDS = (
+    "sequential_window",
+    "trending_half_life_days",
+    "profiles.weights.rating_centre",
+    "profiles.half_life_days",
+)
 
 
 def configs_for(
@@ -107,6 +113,7 @@ TEXT_ONLY_WEIGHTS = dict(
 #: Values tried per field by the coordinate search (plus the starting value).
 SEARCH_SPACE: dict[str, list[float]] = {
     "profiles.weights.rating_centre": [0.0, 3.0],
+    "profiles.half_life_days": [0.01, 0.1, 1.0, 30.0, 180.0],
     "sequential_window": [1, 3, 5],
     "sequential_normalise": [True, False],
     "profile_weight": [0.5, 1.0, 2.0],
@@ -145,6 +152,13 @@ SEARCH_SEEDS: list[dict[str, float]] = [
         sequential_weight=2.0, profile_weight=1.6, factor_weight=0.4, trending_weight=0.2,
         trending_half_life_days=30.0, collaborative_weight=0.0, popularity_weight=0.0,
     ),
+    # ... and a profile of the current sitting (15-minute half-life) rather than of the season.
+    {
+        "sequential_normalise": False, "sequential_window": 5, "sequential_history": 5, "sequential_decay": 0.8,
+        "sequential_weight": 2.0, "profile_weight": 1.6, "factor_weight": 0.4, "trending_weight": 0.2,
+        "trending_half_life_days": 30.0, "collaborative_weight": 0.0, "popularity_weight": 0.0,
+        "profiles.half_life_days": 0.01, "profiles.weights.rating_centre": 0.0,
+    },
 ]
 QUICK_SEARCH_SEEDS: list[dict[str, float]] = [{}, dict(TEXT_ONLY_WEIGHTS)]
 
