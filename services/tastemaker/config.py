@@ -182,6 +182,11 @@ class RetrievalConfig(_Strict):
     factor_regularization: float = Field(0.1, ge=0, description="ALS L2 regularisation.")
     factor_alpha: float = Field(10.0, ge=1, description="ALS confidence of a consumed item (unobserved items have 1).")
     factor_iterations: int = Field(15, ge=1, description="ALS sweeps over users and items.")
+    factor_scan_max_items: int = Field(
+        200_000,
+        ge=0,
+        description="Largest factorised catalog scanned in full for factor candidates per request (a matrix-vector product); above it the factors only re-score the other sources' candidates.",
+    )
     artifact_check_s: float = Field(10.0, gt=0, description="How often replicas look for a newer fitted model.")
     index_dir: Optional[str] = Field(
         None,

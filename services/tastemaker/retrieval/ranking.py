@@ -186,7 +186,7 @@ class Retriever:
                 for item_id, _ in top:
                     sources.setdefault(item_id, set()).add(source)
         factor_user = self.graph.factor_user(profile.recent) if self.graph is not None and cfg.factor_weight else None
-        if factor_user is not None:
+        if factor_user is not None and len(self.graph.factors.item_ids) <= cfg.factor_scan_max_items:
             for item_id, _ in self.graph.factors.top(factor_user, cfg.candidate_pool, eligible):
                 sources.setdefault(item_id, set()).add(CandidateSource.FACTORS)
         if self.graph is not None:
