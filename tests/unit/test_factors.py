@@ -119,17 +119,22 @@ def _unit(v):
     return v / np.linalg.norm(v)
 
 
-def test_ranking_proposes_factor_matches_with_a_grounded_reason():
-    events = _two_tastes()
+def _factors_only(**overrides) -> tuple[Retriever, RetrievalConfig, ProfileView]:
+    """A retriever over the two-taste catalog that scores by the factors alone, and a newcomer
+    who consumed a1 and a2."""
     config = RetrievalConfig(
-        factors=2, factor_regularization=1.0, factor_iterations=10, factor_weight=1.0, profile_weight=0.0, sequential_weight=0.0,
-        collaborative_weight=0.0, popularity_weight=0.0, trending_weight=0.0, exploration_slots=0,
+        factors=2, factor_regularization=1.0, factor_iterations=10, factor_weight=1.0, profile_weight=0.0,
+        sequential_weight=0.0, collaborative_weight=0.0, popularity_weight=0.0, trending_weight=0.0,
+        exploration_slots=0, **overrides,
     )
-    graph = InteractionGraph(graph_params(config), EventWeights()).fit(events)
-    retriever = Retriever(config, graph)
+    retriever = Retriever(config, InteractionGraph(graph_params(config), EventWeights()).fit(_two_tastes()))
     rng = np.random.default_rng(2)
     retriever.upsert([Item(item_id=f"{g}{i}", title=f"{g.upper()} film {i}", vector=_unit(rng.normal(size=8))) for g in "ab" for i in range(10)])
-    profile = ProfileView(user_id="new", recent=_hist("a1", "a2"), seen_item_ids=["a1", "a2"])
+    return retriever, config, ProfileView(user_id="new", recent=_hist("a1", "a2"), seen_item_ids=["a1", "a2"])
+
+
+def test_ranking_proposes_factor_matches_with_a_grounded_reason():
+    retriever, config, profile = _factors_only()
     ranked = retriever.recommend(RecommendQuery(user_id="new", page_size=5), profile)
     assert [s.item_id[0] for s in ranked] == ["a"] * 5
     assert all(CandidateSource.FACTORS in s.sources for s in ranked)
@@ -141,17 +146,7 @@ def test_ranking_proposes_factor_matches_with_a_grounded_reason():
 
 
 def test_above_the_scan_limit_factors_only_rescore_other_candidates():
-    events = _two_tastes()
-    config = RetrievalConfig(
-        factors=2, factor_regularization=1.0, factor_iterations=10, factor_weight=1.0, profile_weight=0.0,
-        sequential_weight=0.0, collaborative_weight=0.0, popularity_weight=0.0, trending_weight=0.0,
-        exploration_slots=0, factor_scan_max_items=5,
-    )
-    graph = InteractionGraph(graph_params(config), EventWeights()).fit(events)
-    retriever = Retriever(config, graph)
-    rng = np.random.default_rng(2)
-    retriever.upsert([Item(item_id=f"{g}{i}", title=f"{g.upper()} film {i}", vector=_unit(rng.normal(size=8))) for g in "ab" for i in range(10)])
-    profile = ProfileView(user_id="new", recent=_hist("a1", "a2"), seen_item_ids=["a1", "a2"])
+    retriever, _, profile = _factors_only(factor_scan_max_items=5)
     ranked = retriever.recommend(RecommendQuery(user_id="new", page_size=5), profile)
     assert not any(CandidateSource.FACTORS in s.sources for s in ranked)  # not a source any more
     assert [s.item_id[0] for s in ranked] == ["a"] * 5  # but still the score of the popular candidates
