@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cutoffs", help="time_cutoff test moments as event-time quantiles (default 0.7,0.75,0.8,0.85,0.9)")
     ev.add_argument("--validation-cutoffs", help="time_cutoff validation moments (default 0.5,0.55,0.6,0.65)")
     ev.add_argument("--tuning-rounds", type=int, default=1, help="coordinate-search passes over Tastemaker's weights")
-    ev.add_argument("--tuning-users", type=int, default=300, help="validation users per Tastemaker trial (0 = all)")
+    ev.add_argument("--tuning-users", type=int, default=0, help="validation users per Tastemaker trial (0 = all; a sample is faster but overfits)")
     ev.add_argument(
         "--compare-encoder", metavar="MODEL_DIR",
         help="a fine-tuned model folder (tastemaker train --out): adds text_finetuned next to text_zero_shot",

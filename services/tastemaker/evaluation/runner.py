@@ -72,7 +72,7 @@ class EvalConfig:
     test_quantiles: Sequence[float] = (0.7, 0.75, 0.8, 0.85, 0.9)
     validation_quantiles: Sequence[float] = (0.5, 0.55, 0.6, 0.65)
     tuning_rounds: int = 1  # coordinate-search passes for Tastemaker's weights
-    tuning_users: Optional[int] = 300  # validation users scoring each Tastemaker trial (None = all)
+    tuning_users: Optional[int] = None  # validation users scoring each Tastemaker trial (None = all)
     show_progress: bool = True
     service: ServiceConfig = field(default_factory=ServiceConfig)
     compare_encoder: Optional[str] = None  # a fine-tuned model folder: adds the text_finetuned method
