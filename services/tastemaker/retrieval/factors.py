@@ -124,20 +124,28 @@ class FactorModel:
         return out
 
     def top(self, user: np.ndarray, k: int, eligible: Callable[[str], bool]) -> list[tuple[str, float]]:
-        """The k eligible items with the highest predicted preference (ties: item id)."""
+        """The k eligible items with the highest predicted preference (deterministic order on ties)."""
         scores = self.item_factors @ user.astype(np.float32)
         if self.removed:
             scores[list(self.removed)] = -np.inf
+        n = len(scores)
+        want = min(n, max(4 * k, 64))
+        done = 0
         out: list[tuple[str, float]] = []
-        want = min(len(scores), max(4 * k, 64))
         while True:
-            head = np.argpartition(-scores, want - 1)[:want] if want < len(scores) else np.arange(len(scores))
-            head = sorted(head.tolist(), key=lambda r: (-scores[r], self.item_ids[r]))
-            out = [(self.item_ids[r], float(scores[r])) for r in head if np.isfinite(scores[r]) and eligible(self.item_ids[r])]
-            if len(out) >= k or want >= len(scores):
-                return out[:k]
-            want = min(len(scores), want * 4)  # strict filters: look further down
-
+            head = np.argpartition(-scores, want - 1)[:want] if want < n else np.arange(n)
+            head = head[np.argsort(-scores[head], kind="stable")]
+            for r in head[done:].tolist():  # rows before `done` were looked at in a shorter pass
+                if not np.isfinite(scores[r]):
+                    return out
+                item_id = self.item_ids[r]
+                if eligible(item_id):
+                    out.append((item_id, float(scores[r])))
+                    if len(out) == k:
+                        return out
+            if want >= n:
+                return out
+            done, want = want, min(n, want * 4)  # strict filters: look further down
     def anchors(self, item_ids: Sequence[str], history: Sequence[str]) -> dict[str, str]:
         """Per item, the history item whose factors agree with it most (what a reason names)."""
         hist_rows = [(h, self.row[h]) for h in dict.fromkeys(history) if h in self.row and self.row[h] not in self.removed]
