@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quick", action="store_true", help="small tuning grids (CI smoke runs)")
     ev.add_argument("--cold-fraction", type=float, default=0.1, help="share of items hidden by cold_items")
     ev.add_argument("--cutoffs", help="time_cutoff test moments as event-time quantiles (default 0.7,0.75,0.8,0.85,0.9)")
-    ev.add_argument("--validation-cutoffs", help="time_cutoff validation moments (default 0.5,0.55,0.6,0.65)")
+    ev.add_argument("--validation-cutoffs", help="time_cutoff validation moments (default 0.3,0.35,...,0.65: eight moments)")
     ev.add_argument("--tuning-rounds", type=int, default=1, help="coordinate-search passes over Tastemaker's weights")
     ev.add_argument("--tuning-users", type=int, default=0, help="validation users per Tastemaker trial (0 = all; a sample is faster but overfits)")
     ev.add_argument(

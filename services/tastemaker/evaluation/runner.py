@@ -40,7 +40,15 @@ from tastemaker.evaluation.pipeline import (
     fit_key,
     text_only,
 )
-from tastemaker.evaluation.protocols import PROTOCOLS, Fold, Segment, Split, make_split
+from tastemaker.evaluation.protocols import (
+    PROTOCOLS,
+    TEST_QUANTILES,
+    VALIDATION_QUANTILES,
+    Fold,
+    Segment,
+    Split,
+    make_split,
+)
 
 #: Length of every ranked list (Recall@20 needs 20).
 LIST_LENGTH = 20
@@ -69,8 +77,8 @@ class EvalConfig:
     max_users: Optional[int] = None
     quick: bool = False  # small tuning grids (CI)
     cold_fraction: float = 0.1
-    test_quantiles: Sequence[float] = (0.7, 0.75, 0.8, 0.85, 0.9)
-    validation_quantiles: Sequence[float] = (0.5, 0.55, 0.6, 0.65)
+    test_quantiles: Sequence[float] = TEST_QUANTILES
+    validation_quantiles: Sequence[float] = VALIDATION_QUANTILES
     tuning_rounds: int = 1  # coordinate-search passes for Tastemaker's weights
     tuning_users: Optional[int] = None  # validation users scoring each Tastemaker trial (None = all)
     show_progress: bool = True

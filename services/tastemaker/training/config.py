@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from tastemaker.config import _Strict
+from tastemaker.evaluation.protocols import TEST_QUANTILES, VALIDATION_QUANTILES
 
 #: Protocols whose held-out targets training can be kept away from (see `pairs.training_events`).
 HOLDOUT_PROTOCOLS = ("leave_last_out", "time_cutoff", "cold_items")
@@ -30,8 +31,8 @@ class TrainConfig(_Strict):
         "(a production model that `tastemaker eval` must not judge).",
     )
     cold_fraction: float = Field(0.1, gt=0, lt=1, description="cold_items: share of items hidden (as `tastemaker eval`).")
-    test_quantiles: tuple[float, ...] = Field((0.7, 0.75, 0.8, 0.85, 0.9), description="time_cutoff test moments.")
-    validation_quantiles: tuple[float, ...] = Field((0.5, 0.55, 0.6, 0.65), description="time_cutoff validation moments.")
+    test_quantiles: tuple[float, ...] = Field(TEST_QUANTILES, description="time_cutoff test moments.")
+    validation_quantiles: tuple[float, ...] = Field(VALIDATION_QUANTILES, description="time_cutoff validation moments.")
     max_history_items: int = Field(5, ge=1, le=100, description="Items before the target that make the history text.")
     max_pairs: Optional[int] = Field(2_000, ge=1, description="Pairs kept (a seeded sample); None = all.")
     seed: int = Field(0, description="Seed of the data order, the hidden items, the pair sample, shuffling and init.")

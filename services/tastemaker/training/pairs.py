@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tastemaker.evaluation.data import Interactions
-from tastemaker.evaluation.protocols import make_split
+from tastemaker.evaluation.protocols import TEST_QUANTILES, VALIDATION_QUANTILES, make_split
 
 #: Joins item texts in a history text (newest first, so truncation drops the oldest).
 HISTORY_SEPARATOR = " | "
@@ -43,8 +43,8 @@ def training_events(
     holdout: Sequence[str],
     seed: int = 0,
     cold_fraction: float = 0.1,
-    test_quantiles: Sequence[float] = (0.7, 0.75, 0.8, 0.85, 0.9),
-    validation_quantiles: Sequence[float] = (0.5, 0.55, 0.6, 0.65),
+    test_quantiles: Sequence[float] = TEST_QUANTILES,
+    validation_quantiles: Sequence[float] = VALIDATION_QUANTILES,
 ) -> np.ndarray:
     """Boolean mask over `data`'s events: those every named protocol lets every model train on."""
     mask = np.ones(data.n_events, dtype=bool)
