@@ -38,6 +38,8 @@ from typing import Optional
 
 import numpy as np
 
+from tastemaker_bench.figures import figure
+
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "bulk_encode.json"
 _T0 = time.monotonic()
 
@@ -236,38 +238,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         tmp.cleanup()
 
     med = statistics.median
+    direct_rate, direct_start_rate, job_rate = med(direct_encode), med(direct_total), med(job_rates)
     figures = [
-        {"name": "direct_encode_texts_per_s", "value": round(med(direct_encode), 1), "unit": "texts/s"},
-        {"name": "direct_with_start_texts_per_s", "value": round(med(direct_total), 1), "unit": "texts/s"},
-        {
-            "name": "job_texts_per_s",
-            "value": round(med(job_rates), 1),
-            "unit": "texts/s",
-            "baseline": "direct_with_start_texts_per_s",
-            "baseline_value": round(med(direct_total), 1),
-            "ratio": round(med(job_rates) / med(direct_total), 3),
-        },
-        {
-            "name": "job_vs_direct_encode_only",
-            "value": round(med(job_rates), 1),
-            "unit": "texts/s",
-            "baseline": "direct_encode_texts_per_s",
-            "baseline_value": round(med(direct_encode), 1),
-            "ratio": round(med(job_rates) / med(direct_encode), 3),
-        },
-        {"name": "job_min_cosine_to_direct", "value": round(min_cosine, 6), "unit": "cosine"},
+        figure("direct_encode_texts_per_s", direct_rate, "texts/s", digits=1),
+        figure("direct_with_start_texts_per_s", direct_start_rate, "texts/s", digits=1),
+        figure(
+            "job_texts_per_s", job_rate, "texts/s", "direct_with_start_texts_per_s", direct_start_rate,
+            job_rate / direct_start_rate, digits=1,
+        ),
+        figure(
+            "job_vs_direct_encode_only", job_rate, "texts/s", "direct_encode_texts_per_s", direct_rate,
+            job_rate / direct_rate, digits=1,
+        ),
+        figure("job_min_cosine_to_direct", min_cosine, "cosine", digits=6),
     ]
     if direct_cpu and job_cpu:
         figures[2:2] = [
-            {"name": "direct_texts_per_cpu_s", "value": round(med(direct_cpu), 2), "unit": "texts/CPU-s"},
-            {
-                "name": "job_texts_per_cpu_s",
-                "value": round(med(job_cpu), 2),
-                "unit": "texts/CPU-s",
-                "baseline": "direct_texts_per_cpu_s",
-                "baseline_value": round(med(direct_cpu), 2),
-                "ratio": round(med(job_cpu) / med(direct_cpu), 3),
-            },
+            figure("direct_texts_per_cpu_s", med(direct_cpu), "texts/CPU-s", digits=2),
+            figure(
+                "job_texts_per_cpu_s", med(job_cpu), "texts/CPU-s", "direct_texts_per_cpu_s", med(direct_cpu),
+                med(job_cpu) / med(direct_cpu), digits=2,
+            ),
         ]
     params = {
         "items": len(texts),

@@ -38,6 +38,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from tastemaker_bench.figures import figure
+
 #: Natural-language steering texts for the `query` variant; one is drawn at random per call.
 QUERIES = (
     "animated movie for kids about toys",
@@ -437,10 +439,6 @@ def _median(values) -> float:
     return float(statistics.median(values))
 
 
-def _r(x: float, digits: int = 3) -> float:
-    return round(float(x), digits)
-
-
 def _figures(results: list[RunResult]) -> list[dict]:
     """Median over runs of every figure; ratios are computed from the medians."""
 
@@ -453,14 +451,6 @@ def _figures(results: list[RunResult]) -> list[dict]:
     def rps(name: str) -> float:
         return _median(r.concurrent[name].rps for r in results)
 
-    def fig(name, value, unit, baseline=None, baseline_value=None, ratio=None) -> dict:
-        out = {"name": name, "value": _r(value), "unit": unit}
-        if baseline is not None:
-            out.update(baseline=baseline, baseline_value=_r(baseline_value))
-        if ratio is not None:
-            out["ratio"] = _r(ratio)
-        return out
-
     echo_p50, echo_p99 = seq("echo", 50), seq("echo", 99)
     rec_p50, rec_p99 = seq("recommend", 50), seq("recommend", 99)
     recq_p50, recq_p99 = seq("recommend_query", 50), seq("recommend_query", 99)
@@ -468,30 +458,30 @@ def _figures(results: list[RunResult]) -> list[dict]:
     errors = sum(c.errors for r in results for c in r.concurrent.values())
     return [
         # Sequential latency (one call in flight).
-        fig("recommend_p50_ms", rec_p50, "ms"),
-        fig("recommend_p99_ms", rec_p99, "ms"),
-        fig("recommend_query_p50_ms", recq_p50, "ms"),
-        fig("recommend_query_p99_ms", recq_p99, "ms"),
-        fig("echo_p50_ms", echo_p50, "ms"),
-        fig("echo_p99_ms", echo_p99, "ms"),
-        fig("recommend_p50_overhead_vs_echo_ms", rec_p50 - echo_p50, "ms", "echo_p50_ms", echo_p50),
-        fig("recommend_query_p50_overhead_vs_echo_ms", recq_p50 - echo_p50, "ms", "echo_p50_ms", echo_p50),
+        figure("recommend_p50_ms", rec_p50, "ms"),
+        figure("recommend_p99_ms", rec_p99, "ms"),
+        figure("recommend_query_p50_ms", recq_p50, "ms"),
+        figure("recommend_query_p99_ms", recq_p99, "ms"),
+        figure("echo_p50_ms", echo_p50, "ms"),
+        figure("echo_p99_ms", echo_p99, "ms"),
+        figure("recommend_p50_overhead_vs_echo_ms", rec_p50 - echo_p50, "ms", "echo_p50_ms", echo_p50),
+        figure("recommend_query_p50_overhead_vs_echo_ms", recq_p50 - echo_p50, "ms", "echo_p50_ms", echo_p50),
         # Latency ratios: baseline/value, so > 1 would mean faster than the bare round trip.
-        fig("recommend_p50_speedup_vs_echo", rec_p50, "ms", "echo_p50_ms", echo_p50, echo_p50 / rec_p50),
-        fig("recommend_p99_speedup_vs_echo", rec_p99, "ms", "echo_p99_ms", echo_p99, echo_p99 / rec_p99),
-        fig("recommend_query_p50_speedup_vs_echo", recq_p50, "ms", "echo_p50_ms", echo_p50, echo_p50 / recq_p50),
+        figure("recommend_p50_speedup_vs_echo", rec_p50, "ms", "echo_p50_ms", echo_p50, echo_p50 / rec_p50),
+        figure("recommend_p99_speedup_vs_echo", rec_p99, "ms", "echo_p99_ms", echo_p99, echo_p99 / rec_p99),
+        figure("recommend_query_p50_speedup_vs_echo", recq_p50, "ms", "echo_p50_ms", echo_p50, echo_p50 / recq_p50),
         # Throughput: value/baseline, > 1 better.
-        fig("recommend_rps", rec_rps, "requests/s", "echo_rps", echo_rps, rec_rps / echo_rps),
-        fig("recommend_query_rps", recq_rps, "requests/s", "echo_rps", echo_rps, recq_rps / echo_rps),
-        fig("echo_rps", echo_rps, "requests/s"),
+        figure("recommend_rps", rec_rps, "requests/s", "echo_rps", echo_rps, rec_rps / echo_rps),
+        figure("recommend_query_rps", recq_rps, "requests/s", "echo_rps", echo_rps, recq_rps / echo_rps),
+        figure("echo_rps", echo_rps, "requests/s"),
         # Latency under the concurrent load.
-        fig("recommend_concurrent_p50_ms", conc("recommend", 50), "ms"),
-        fig("recommend_concurrent_p99_ms", conc("recommend", 99), "ms"),
-        fig("recommend_query_concurrent_p50_ms", conc("recommend_query", 50), "ms"),
-        fig("recommend_query_concurrent_p99_ms", conc("recommend_query", 99), "ms"),
-        fig("echo_concurrent_p50_ms", conc("echo", 50), "ms"),
-        fig("echo_concurrent_p99_ms", conc("echo", 99), "ms"),
-        fig("concurrent_errors", errors, "requests"),
+        figure("recommend_concurrent_p50_ms", conc("recommend", 50), "ms"),
+        figure("recommend_concurrent_p99_ms", conc("recommend", 99), "ms"),
+        figure("recommend_query_concurrent_p50_ms", conc("recommend_query", 50), "ms"),
+        figure("recommend_query_concurrent_p99_ms", conc("recommend_query", 99), "ms"),
+        figure("echo_concurrent_p50_ms", conc("echo", 50), "ms"),
+        figure("echo_concurrent_p99_ms", conc("echo", 99), "ms"),
+        figure("concurrent_errors", errors, "requests"),
     ]
 
 

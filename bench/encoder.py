@@ -39,6 +39,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from tastemaker_bench.figures import figure
+
 #: Default output: bench/results/encoder.json in the source tree.
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "encoder.json"
 
@@ -367,13 +369,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _figures(candidates, workloads, timings, vectors, pool_stats) -> list[dict]:
     figures: list[dict] = []
 
-    def fig(name, value, unit, baseline=None, baseline_value=None, ratio=None) -> None:
-        out = {"name": name, "value": _r(value), "unit": unit}
-        if baseline is not None:
-            out.update(baseline=baseline, baseline_value=_r(baseline_value))
-        if ratio is not None:
-            out["ratio"] = _r(ratio)
-        figures.append(out)
+    def fig(*args, **kwargs) -> None:
+        figures.append(figure(*args, **kwargs))
 
     for workload in list(workloads) + ["all"]:
         def rate(name: str) -> float:

@@ -225,10 +225,10 @@ class ServiceEvents:
 
 class _FrozenGraph(InteractionGraph):
     """EVALUATION-ONLY SPEED-UP, identical results. A graph fitted for one segment never changes
-    afterwards, so `cooccurrence_scores` and `sequential_scores` are memoised per (history,
-    arguments): the validation search ranks the same users under many blend weights and these
+    afterwards, so `cooccurrence_scores`, `sequential_scores` and `factor_user` are memoised per
+    (history, arguments): the validation search ranks the same users under many blend weights and these
     scores do not depend on the weights. The memo returns the very dict the parent method
-    computed; ranking only reads it.
+    computed (or the factor vector); ranking only reads it.
     """
 
     def freeze(self) -> "_FrozenGraph":
@@ -239,32 +239,25 @@ class _FrozenGraph(InteractionGraph):
     def _history_key(recent) -> tuple:
         return tuple((h.item_id, int(h.event_type), h.weight) for h in recent)
 
-    def cooccurrence_scores(self, recent):
+    def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         memo = getattr(self, "_memo", None)
-        if memo is None:
-            return super().cooccurrence_scores(recent)
-        key = ("co", self._history_key(recent))
+        if memo is None:  # not frozen yet
+            return compute()
         if key not in memo:
-            memo[key] = super().cooccurrence_scores(recent)
+            memo[key] = compute()
         return memo[key]
+
+    def cooccurrence_scores(self, recent):
+        return self._cached(("co", self._history_key(recent)), lambda: super(_FrozenGraph, self).cooccurrence_scores(recent))
 
     def sequential_scores(self, recent, history, decay, normalise=True):
-        memo = getattr(self, "_memo", None)
-        if memo is None:
-            return super().sequential_scores(recent, history, decay, normalise)
-        key = ("seq", self._history_key(recent), history, decay, normalise)
-        if key not in memo:
-            memo[key] = super().sequential_scores(recent, history, decay, normalise)
-        return memo[key]
+        return self._cached(
+            ("seq", self._history_key(recent), history, decay, normalise),
+            lambda: super(_FrozenGraph, self).sequential_scores(recent, history, decay, normalise),
+        )
 
     def factor_user(self, recent):
-        memo = getattr(self, "_memo", None)
-        if memo is None:
-            return super().factor_user(recent)
-        key = ("mf", self._history_key(recent))
-        if key not in memo:
-            memo[key] = super().factor_user(recent)
-        return memo[key]
+        return self._cached(("mf", self._history_key(recent)), lambda: super(_FrozenGraph, self).factor_user(recent))
 
     # -- the request moment -------------------------------------------------------------
     # A replica's trending counts are as of the newest event it has seen: the moment of the
@@ -333,18 +326,18 @@ class TrendTimeline:
         ids = [item.item_id for item in service.items]
         rows: dict[int, int] = {}
         values = np.zeros((len(wanted), len(ids)), dtype=np.float32)
+        taken = 0  # snapshots written
         for position, e in enumerate(events):
             event = service.events[e]
             if event.item_id and event.event_type in CONSUMED:
                 replay.count_trend(event.item_id, event.event_time)
             if position in wanted:
-                row = len(set(rows.values()))
-                snapshot = values[row]
                 top = replay.trend_top or 1.0
                 for item_id, value in replay.trend.items():
-                    snapshot[service.alias_to_index[item_id]] = value / top
+                    values[taken, service.alias_to_index[item_id]] = value / top
                 for user in wanted[position]:
-                    rows[user] = row
+                    rows[user] = taken
+                taken += 1
         return cls(ids, service.alias_to_index, rows, values)
 
     def at(self, user: int) -> Optional[np.ndarray]:

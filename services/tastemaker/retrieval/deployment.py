@@ -303,9 +303,9 @@ class RetrievalDeployment:
 
     def __init__(self, config: RetrievalConfig, store_url: str, weights: EventWeights):
         # A request's products are small (a 64x64 solve, a catalog x 64 factor product, a few
-        # hundred candidate vectors) on a fraction of a CPU: BLAS threads only contend. Measured on
-        # MovieLens with the factors on, under load: recommend p50 64 ms with 2 BLAS threads, 30 ms
-        # with 1. FAISS uses OpenMP, not this pool.
+        # hundred candidate vectors) on a fraction of a CPU: BLAS threads only contend. Timed ad hoc
+        # in-process on MovieLens with the factors on, under load: recommend p50 64 ms with 2 BLAS
+        # threads, 30 ms with 1. FAISS uses OpenMP, not this pool.
         threadpool_limits(1, "blas")
         self.config = config
         self.replica = RetrievalReplica(config, open_store(store_url), weights, default_index_dir(config, store_url))

@@ -104,6 +104,8 @@ class Retriever:
         scores = sum(parts.values())
         order = self._select(scores, vectors, request.page_size, request.diversity)
         order, explored = self._explore(order, ids, parts, request.page_size)
+        if "factors" in parts:  # the history item behind each factor score, for the page's reasons
+            anchors = dict(anchors, factors=self.graph.factor_anchors([ids[i] for i in order], profile.recent))
         explain_explored = "profile" if "profile" in parts else "query"
         return [
             ScoredItem(
@@ -230,8 +232,7 @@ class Retriever:
             raw = self.graph.factors.scores(factor_user, ids)
             # Scaled per request like the transitions: the best match scores 1.
             top = float(raw.max()) if raw.size and raw.max() > 0 else 1.0
-            features["factors"] = raw / top
-            anchors["factors"] = self.graph.factor_anchors(ids, profile.recent)
+            features["factors"] = raw / top  # its anchors are found for the page only (recommend)
         return Candidates(ids, vectors, sources, features, anchors)
 
     def _explore(
