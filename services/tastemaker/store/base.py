@@ -35,6 +35,21 @@ class StoredEvent:
 
 
 @dataclass
+class ApiKeyRecord:
+    """An API key as stored: never the secret itself, only its SHA-256 (`key_hash`).
+
+    `key_id` is the public, non-secret handle (`tastemaker keys list|revoke` name keys by it);
+    `role` is one of `read`, `write`, `admin`; `revoke_time` is None while the key is valid."""
+
+    key_id: str
+    key_hash: str
+    role: str
+    name: str
+    create_time: float
+    revoke_time: Optional[float] = None
+
+
+@dataclass
 class SnapshotRow:
     """A serialised profile: `state` is JSON text, `vectors` raw float32 bytes (no pickle)."""
 
@@ -137,7 +152,25 @@ class Store(Protocol):
     def set_meta(self, key: str, value: Optional[str]) -> None:
         """Set (or with None remove) a key of the key-value table."""
 
+    # API keys (hashes only) ----------------------------------------------------------------
+    def create_api_key(self, record: ApiKeyRecord) -> None:
+        """Store a new key record; a `key_id` or `key_hash` that already exists is an error."""
+
+    def find_api_key(self, key_hash: str) -> Optional[ApiKeyRecord]:
+        """The record with this hash (revoked ones too, so callers can tell revoked from unknown)."""
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every key record, revoked ones included, in creation order."""
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Mark a key revoked (idempotent); False if no key has this id."""
+
     # Lifecycle ---------------------------------------------------------------------------
+    def instance_id(self) -> str:
+        """A random id created once with the store's schema: every process that opens the same
+        store (file or database) sees the same id, and two different stores never do. Health
+        compares the ids the components report, so a split (each node on its own file) is seen."""
+
     def ensure_num_shards(self, num_shards: int, shard_of: "ShardFunction") -> None:
         """Re-assign events and snapshots when the shard count changed since the last start."""
 
