@@ -20,6 +20,7 @@ import pytest
 
 from tastemaker.domain import EventType, Item, UserEvent
 from tastemaker.store import SnapshotRow, Store, open_store
+from tastemaker.store.base import ApiKeyRecord, DuplicateApiKey
 
 Opener = Callable[[], Store]
 
@@ -36,22 +37,38 @@ BACKENDS = [
 
 
 @pytest.fixture(params=BACKENDS)
-def opener(request, tmp_path) -> Opener:
-    """Opens store objects on one fresh backing store; every object opened is closed at the end."""
+def new_backing_store(request, tmp_path):
+    """Makes fresh, empty backing stores (files, databases) and returns an `Opener` for each;
+    every store object opened through them is closed at the end."""
     opened: list[Store] = []
-    make = request.param(tmp_path)
+    count = 0
 
-    def open_one() -> Store:
-        store = make()
-        opened.append(store)
-        return store
+    def make() -> Opener:
+        nonlocal count
+        count += 1
+        folder = tmp_path / f"store{count}"
+        folder.mkdir()
+        open_raw = request.param(folder)
 
-    yield open_one
+        def open_one() -> Store:
+            store = open_raw()
+            opened.append(store)
+            return store
+
+        return open_one
+
+    yield make
     for store in reversed(opened):
         try:
             store.close()
         except Exception:  # a test may already have closed it
             pass
+
+
+@pytest.fixture
+def opener(new_backing_store) -> Opener:
+    """Opens store objects on one fresh backing store."""
+    return new_backing_store()
 
 
 @pytest.fixture
@@ -548,3 +565,86 @@ class TestEventFeedAndArtifacts:
         assert [r.user_id for r in store.load_snapshots(0)] == []
         assert [r.user_id for r in store.load_snapshots(1)] == ["u2"]
         assert store.delete_snapshots() == 1 and list(store.load_snapshots(1)) == []
+
+
+class TestApiKeysAndInstanceId:
+    """API key records (hashes only) and the store's instance id."""
+
+    @staticmethod
+    def _key(key_id: str, key_hash: str, role: str = "read", create_time: float = 100.0) -> ApiKeyRecord:
+        return ApiKeyRecord(key_id=key_id, key_hash=key_hash, role=role, name=f"name {key_id}", create_time=create_time)
+
+    def test_create_find_and_list_in_creation_order(self, opener):
+        first = opener()
+        first.create_api_key(self._key("k2", "h" * 64, "admin", 100.0))
+        first.create_api_key(self._key("k1", "a" * 64, "write", 200.0))
+        second = opener()  # another process sees the keys
+        found = second.find_api_key("a" * 64)
+        assert found == ApiKeyRecord("k1", "a" * 64, "write", "name k1", 200.0, None)
+        assert [r.key_id for r in second.list_api_keys()] == ["k2", "k1"]
+        assert second.list_api_keys()[0] == ApiKeyRecord("k2", "h" * 64, "admin", "name k2", 100.0, None)
+
+    def test_unknown_key_is_none_and_unknown_revoke_is_false(self, store):
+        assert store.find_api_key("0" * 64) is None
+        assert store.list_api_keys() == []
+        assert store.revoke_api_key("nope") is False
+
+    def test_key_id_and_hash_are_unique(self, store):
+        store.create_api_key(self._key("k1", "a" * 64))
+        with pytest.raises(DuplicateApiKey):
+            store.create_api_key(self._key("k1", "b" * 64))
+        with pytest.raises(DuplicateApiKey):
+            store.create_api_key(self._key("k2", "a" * 64))
+        # The failed attempts left nothing behind, and the store still takes new keys.
+        assert [(r.key_id, r.key_hash) for r in store.list_api_keys()] == [("k1", "a" * 64)]
+        assert store.find_api_key("b" * 64) is None
+        store.create_api_key(self._key("k2", "b" * 64))
+        assert store.find_api_key("b" * 64).key_id == "k2"
+
+    def test_revoke_is_idempotent_and_revoked_key_is_still_found(self, opener):
+        store = opener()
+        store.create_api_key(self._key("k1", "a" * 64))
+        store.create_api_key(self._key("k2", "b" * 64))
+        assert store.revoke_api_key("k1") is True
+        revoked = opener().find_api_key("a" * 64)
+        assert revoked is not None and revoked.key_id == "k1"
+        assert revoked.revoke_time is not None and revoked.revoke_time > 0
+        # Revoking again succeeds and keeps the first revoke time.
+        assert store.revoke_api_key("k1") is True
+        assert store.find_api_key("a" * 64).revoke_time == revoked.revoke_time
+        # The other key is untouched; the revoked one stays listed.
+        assert store.find_api_key("b" * 64).revoke_time is None
+        assert [(r.key_id, r.revoke_time is None) for r in store.list_api_keys()] == [("k1", False), ("k2", True)]
+
+    def test_instance_id_is_shared_by_openers_of_one_store_and_differs_between_stores(self, new_backing_store):
+        open_a = new_backing_store()
+        first, second = open_a(), open_a()
+        ids = {first.instance_id(), second.instance_id()}
+        assert len(ids) == 1
+        (instance,) = ids
+        assert isinstance(instance, str) and len(instance) >= 16
+        first.close()
+        assert open_a().instance_id() == instance  # kept across reopen
+        other = new_backing_store()()
+        assert other.instance_id() != instance
+
+    def test_concurrent_first_opens_agree_on_the_instance_id(self, new_backing_store):
+        import threading
+
+        open_a = new_backing_store()
+        stores: list[Store] = []
+        errors: list[BaseException] = []
+
+        def open_and_record() -> None:
+            try:
+                stores.append(open_a())
+            except BaseException as exc:  # reported below, not swallowed
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_record) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == [] and len(stores) == 4
+        assert len({s.instance_id() for s in stores}) == 1

@@ -14,6 +14,12 @@ from tastemaker.domain import Item, UserEvent
 ENCODER_IDENTITY_KEY = "encoder_identity"
 #: Store meta key, present while vectors are being re-encoded for a new model (its identity).
 ENCODER_SWAP_PENDING_KEY = "encoder_swap_pending"
+#: Store meta key: the random id of this store (`Store.instance_id`), written once at creation.
+INSTANCE_ID_KEY = "instance_id"
+
+
+class DuplicateApiKey(ValueError):
+    """`Store.create_api_key` was given a `key_id` or `key_hash` that is already stored."""
 
 
 @dataclass

@@ -8,13 +8,23 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from tastemaker.domain import EventType, Item, UserEvent
-from tastemaker.store.base import ItemChange, ShardFunction, SnapshotRow, StoredEvent, user_hash
+from tastemaker.store.base import (
+    INSTANCE_ID_KEY,
+    ApiKeyRecord,
+    DuplicateApiKey,
+    ItemChange,
+    ShardFunction,
+    SnapshotRow,
+    StoredEvent,
+    user_hash,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -58,6 +68,14 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS erasures (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, version INTEGER NOT NULL, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    create_time REAL NOT NULL,
+    revoke_time REAL
+);
 """
 
 
@@ -86,6 +104,11 @@ class SQLiteStore:
         with self._lock:
             self._conn.executescript(_SCHEMA)
             self._migrate()
+            # Insert-if-absent: two processes opening a new file at once both keep the first id.
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (INSTANCE_ID_KEY, uuid.uuid4().hex)
+            )
+        self._instance_id: Optional[str] = None  # the id never changes, so it is read once
 
     def _migrate(self) -> None:
         """Bring files written by older versions up to the current schema (additive only)."""
@@ -432,7 +455,62 @@ class SQLiteStore:
                     (key, value),
                 )
 
+    # -- API keys -------------------------------------------------------------------------
+    _KEY_COLUMNS = "key_id, key_hash, role, name, create_time, revoke_time"
+
+    def create_api_key(self, record: ApiKeyRecord) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    f"INSERT INTO api_keys({self._KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.key_id,
+                        record.key_hash,
+                        record.role,
+                        record.name,
+                        float(record.create_time),
+                        None if record.revoke_time is None else float(record.revoke_time),
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise DuplicateApiKey(f"an API key with id {record.key_id!r} or the same secret already exists") from None
+
+    def find_api_key(self, key_hash: str) -> Optional[ApiKeyRecord]:
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (key_hash,)
+            ).fetchone()
+        return None if row is None else ApiKeyRecord(*row)
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY create_time, rowid"
+            ).fetchall()
+        return [ApiKeyRecord(*row) for row in rows]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        with self._write() as conn:
+            # COALESCE keeps the first revoke time: revoking again changes nothing.
+            changed = conn.execute(
+                "UPDATE api_keys SET revoke_time = COALESCE(revoke_time, ?) WHERE key_id = ?",
+                (time.time(), key_id),
+            ).rowcount
+        return changed == 1
+
     # -- lifecycle ------------------------------------------------------------------------
+    def instance_id(self) -> str:
+        if self._instance_id is None:
+            with self._write() as conn:
+                # Written at open; inserted again only if someone removed it with set_meta.
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (INSTANCE_ID_KEY, uuid.uuid4().hex)
+                )
+                self._instance_id = conn.execute(
+                    "SELECT value FROM meta WHERE key = ?", (INSTANCE_ID_KEY,)
+                ).fetchone()[0]
+        return self._instance_id
+
     def ensure_num_shards(self, num_shards: int, shard_of: ShardFunction) -> None:
         with self._write() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'num_shards'").fetchone()
