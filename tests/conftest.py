@@ -18,3 +18,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the test session (tests/pgserver.py), stopped at the end.
+    Tests take a fresh database each: `postgres_server.create_database(name)` returns its URL."""
+    from tests.pgserver import start_postgres
+
+    server = start_postgres()
+    yield server
+    server.stop()
