@@ -17,10 +17,12 @@ from tastemaker.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
-#: Import paths of the servicer functions the Serve gRPC proxy registers.
+#: Import paths of the servicer functions the Serve gRPC proxy registers: the generated ones,
+#: wrapped so that undecodable request bytes reach the gateway (INVALID_ARGUMENT) instead of
+#: failing inside the proxy as UNKNOWN (`tastemaker.gateway.wire`).
 GRPC_SERVICER_FUNCTIONS = [
-    "tastemaker.v1.recommender_service_pb2_grpc.add_RecommenderServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "tastemaker.gateway.wire.add_RecommenderServiceServicer_to_server",
+    "tastemaker.gateway.wire.add_HealthServicer_to_server",
 ]
 
 

@@ -221,6 +221,12 @@ class ProfileConfig(_Strict):
     max_seen_items: int = Field(10_000, ge=1, description="Items remembered for exclude-seen.")
     snapshot_every_events: int = Field(5_000, ge=1, description="Snapshot a shard after this many applied events.")
     min_version_wait_s: float = Field(2.0, ge=0, description="How long Recommend waits for min_profile_version.")
+    max_in_flight_calls: int = Field(
+        128,
+        ge=1,
+        description="Calls one gateway replica may have submitted to one shard and not yet answered (its mailbox); "
+        "past it a call is refused at once with RESOURCE_EXHAUSTED.",
+    )
     item_vector_cache: int = Field(50_000, ge=0, description="Item vectors cached per shard.")
     weights: EventWeights = Field(default_factory=EventWeights)
 
@@ -245,11 +251,17 @@ class GatewayConfig(_Strict):
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(
-        2_000, ge=1, description="Requests queued for the gateway before RESOURCE_EXHAUSTED (fast overload error)."
+        64, ge=1, description="Requests queued for the gateway before RESOURCE_EXHAUSTED (fast overload error)."
+    )
+    max_in_flight_per_rpc: int = Field(
+        8,
+        ge=1,
+        description="Calls of one unary RPC in progress per gateway replica; more are refused at once with "
+        "RESOURCE_EXHAUSTED (bench/README.md: `bench overload` sized it).",
     )
     stream_window: int = Field(8, ge=1, le=256, description="StreamUserEvents messages in flight per stream.")
     internal_max_queued_requests: int = Field(
-        2_000, ge=1, description="Calls queued per caller for retrieval/encoder before RESOURCE_EXHAUSTED."
+        64, ge=1, description="Calls queued per caller for retrieval/encoder before RESOURCE_EXHAUSTED."
     )
 
 

@@ -66,6 +66,41 @@ class TestEventValidation:
         with pytest.raises(InvalidArgument, match="future"):
             convert.event_from_pb(message, CFG, NOW)
 
+    @pytest.mark.parametrize(
+        "seconds, nanos, words",
+        [
+            (-(2**63), 0, "before 1970"),
+            (-(10**12), 0, "before 1970"),
+            (-1, 999_999_999, "before 1970"),
+            (int(NOW), -1, "nanos -1"),
+            (int(NOW), 2 * 10**9, "nanos 2000000000"),
+            (int(NOW), 10**9, "nanos 1000000000"),
+            (2**63 - 1, 0, "future"),
+            (int(NOW + 86_400 + 2), 0, "future"),
+        ],
+    )
+    def test_invalid_event_times_rejected(self, seconds, nanos, words):
+        message = _event()
+        message.event_time.seconds = seconds
+        message.event_time.nanos = nanos
+        with pytest.raises(InvalidArgument, match=words):
+            convert.event_from_pb(message, CFG, NOW)
+
+    @pytest.mark.parametrize("seconds, nanos", [(0, 0), (0, 999_999_999), (int(NOW), 0), (int(NOW + 86_400), 0)])
+    def test_event_time_bounds_accepted(self, seconds, nanos):
+        message = _event()
+        message.event_time.seconds = seconds
+        message.event_time.nanos = nanos
+        assert convert.event_from_pb(message, CFG, NOW).event_time == pytest.approx(seconds + nanos / 1e9)
+
+    def test_invalid_event_time_is_a_rejected_ack_with_reason(self):
+        bad = _event(event_id="bad")
+        bad.event_time.seconds = -(10**12)
+        events, rejections = convert.events_from_pb([_event(event_id="good"), bad], CFG)
+        assert events[0] is not None and rejections[0] is None
+        assert events[1] is None and rejections[1].status == EventStatus.REJECTED
+        assert "1970" in rejections[1].reason
+
     @pytest.mark.parametrize("field", ["event_id", "user_id", "item_id"])
     @pytest.mark.parametrize("value", ["", "   "])
     def test_empty_ids_rejected(self, field, value):
@@ -311,6 +346,36 @@ class TestQueryValidation:
 # -- error table ------------------------------------------------------------------------------------
 
 
+#: What no client-facing message may contain: a traceback, a path, a pid, an address, a class name.
+LEAKS = ("Traceback", "File ", "pid=", "/", "Error(", "Exception", "0x")
+
+
+def assert_clean(message: str) -> None:
+    """A message fit for a client: short and free of internals."""
+    import re
+
+    assert len(message) < 1_000, message
+    for leak in LEAKS:
+        assert leak not in message, (leak, message)
+    assert not re.search(r"\b\d{1,3}(\.\d{1,3}){3}\b", message), message  # an IPv4 address
+
+
+def _ray_task_error(cause: BaseException, dual: bool):
+    """What awaiting a handle or actor call raises when the remote side raised `cause`."""
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise cause
+    except BaseException as exc:  # noqa: BLE001
+        wrapped = RayTaskError(
+            "Retrieval.similar_items", traceback.format_exc(), exc, proctitle="ray::ServeReplica:Retrieval",
+            pid=4242, ip="10.1.2.3",
+        )
+    return wrapped.as_instanceof_cause() if dual else wrapped
+
+
 class TestStatusFor:
     @pytest.mark.parametrize(
         "exc_class, code",
@@ -333,7 +398,7 @@ class TestStatusFor:
             for c in vars(errors).values()
             if isinstance(c, type) and issubclass(c, errors.TastemakerError) and c is not errors.TastemakerError
         ]
-        assert len(classes) == 7
+        assert len(classes) >= 7
         for c in classes:
             code, _ = status_for(c("x"))
             assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK)
@@ -350,7 +415,50 @@ class TestStatusFor:
     def test_anything_else_is_unavailable_never_internal(self, exc):
         code, message = status_for(exc)
         assert code == grpc.StatusCode.UNAVAILABLE
-        assert type(exc).__name__ in message
+        assert "reference" in message and "retry" in message
+
+    def test_unknown_exceptions_text_never_reaches_the_client(self, caplog):
+        secret = "/home/svc/app.py line 7 pid=4242 ip 10.1.2.3 user wrote: I hate this film"
+        with caplog.at_level("ERROR", logger="tastemaker.gateway.errors"):
+            code, message = status_for(RuntimeError(secret), "Recommend")
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert_clean(message)
+        assert "RuntimeError" not in message and "I hate" not in message
+        reference = message.split("reference ")[1].split(")")[0]
+        # Logged server side under the same reference, with the class but without the text.
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert reference in logged and "RuntimeError" in logged and "Recommend" in logged
+        assert "I hate" not in logged
+
+    @pytest.mark.parametrize("dual", [True, False])
+    def test_domain_error_raised_in_another_deployment_is_unwrapped(self, dual):
+        wrapped = _ray_task_error(errors.NotFound("item_id 'no-such-item' is not in the catalog"), dual)
+        assert "Traceback" in str(wrapped) or "File " in str(wrapped)  # what used to reach the client
+        code, message = status_for(wrapped)
+        assert (code, message) == (grpc.StatusCode.NOT_FOUND, "item_id 'no-such-item' is not in the catalog")
+
+    def test_nested_wrappers_are_unwrapped(self):
+        inner = _ray_task_error(errors.InvalidArgument("page_size 500 is over the cap of 100"), True)
+        outer = _ray_task_error(inner, True)
+        assert status_for(outer) == (grpc.StatusCode.INVALID_ARGUMENT, "page_size 500 is over the cap of 100")
+
+    def test_wrapped_unknown_error_is_generic(self):
+        code, message = status_for(_ray_task_error(ZeroDivisionError("division by zero"), True))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert_clean(message)
+        assert "ZeroDivision" not in message
+
+    def test_platform_failures(self):
+        from ray.exceptions import ActorDiedError, PendingCallsLimitExceeded
+
+        assert status_for(PendingCallsLimitExceeded("queue full at 10.0.0.1"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        code, message = status_for(ActorDiedError())
+        assert code == grpc.StatusCode.UNAVAILABLE and "retry" in message
+        assert_clean(message)
+
+    def test_long_domain_messages_are_cut(self):
+        _, message = status_for(errors.InvalidArgument("x" * 5_000))
+        assert len(message) <= 1_000
 
     def test_full_serve_queue_is_resource_exhausted(self):
         from ray.serve.exceptions import BackPressureError
@@ -416,6 +524,8 @@ class TestLoadConfig:
             "TASTEMAKER_RAY_ADDRESS": "ray://head:10001",
             "TASTEMAKER_ENCODER_MODEL_PATH": "/models/minilm",
             "TASTEMAKER_ENCODER_DEVICE": "cuda:1",
+            "TASTEMAKER_API_KEY": "tm_client_key",
+            "TASTEMAKER_USER_ID_KEY": "k" * 32,
         }
         assert set(env) == set(ENV_ALLOWLIST)
         cfg = load_config(environ=env)
@@ -423,6 +533,8 @@ class TestLoadConfig:
         assert cfg.server.grpc_port == 9123
         assert cfg.server.ray_address == "ray://head:10001"
         assert cfg.encoder.model_path == "/models/minilm"
+        assert cfg.auth.api_key.get_secret_value() == "tm_client_key"
+        assert cfg.privacy.user_id_key.get_secret_value() == "k" * 32
         assert cfg.encoder.device == "cuda:1"
         assert cfg.store_url() == "sqlite:///" + str((tmp_path / "data" / "tastemaker.db").resolve())
 
@@ -475,3 +587,91 @@ class TestLoadConfig:
     def test_override_unknown_field_rejected(self):
         with pytest.raises(InvalidArgument):
             load_config(overrides={("server", "nope"): 1}, environ={})
+
+
+# -- admission, shard mailboxes, request decoding ----------------------------------------------------
+
+
+class TestAdmission:
+    def test_refuses_past_the_limit_at_once_and_recovers(self):
+        from tastemaker.gateway.admission import Admission
+
+        admission = Admission(2, {"UpsertItems": 1})
+        with admission.enter("Recommend"), admission.enter("Recommend"):
+            with pytest.raises(errors.ResourceExhausted, match="2 calls in progress"):
+                with admission.enter("Recommend"):
+                    pass
+            with admission.enter("GetItem"):  # another RPC has its own slots
+                pass
+        with admission.enter("UpsertItems"):
+            with pytest.raises(errors.ResourceExhausted):
+                with admission.enter("UpsertItems"):
+                    pass
+        assert dict(admission.in_flight) == {"Recommend": 0, "GetItem": 0, "UpsertItems": 0}
+        assert admission.refused["Recommend"] == 1
+        with admission.enter("Recommend"):  # slots come back, also after a failing call
+            pass
+
+    def test_slot_released_when_the_call_fails(self):
+        from tastemaker.gateway.admission import Admission
+
+        admission = Admission(1)
+        with pytest.raises(ValueError):
+            with admission.enter("Recommend"):
+                raise ValueError("x")
+        assert admission.in_flight["Recommend"] == 0
+
+
+def test_shard_mailbox_bounds_calls():
+    from tastemaker.profiles.actor import Mailbox
+
+    mailbox = Mailbox(2)
+    mailbox.admit(0)
+    mailbox.admit(0)
+    with pytest.raises(errors.ResourceExhausted, match="shard 3 has 2 calls waiting"):
+        mailbox.admit(3)
+    mailbox.release()
+    mailbox.admit(0)
+    assert mailbox.in_flight == 2
+
+
+class TestSafeDecoding:
+    def test_bad_bytes_become_a_malformed_request(self):
+        from tastemaker.gateway.wire import MalformedRequest, safe_deserializer
+
+        decode = safe_deserializer(pb.RecommendRequest.FromString, "tastemaker.v1.RecommendRequest")
+        assert decode(pb.RecommendRequest(user_id="u1").SerializeToString()).user_id == "u1"
+        bad = decode(b"\xff\xff\xff")
+        assert bad == MalformedRequest("tastemaker.v1.RecommendRequest", 3)
+        assert "tastemaker.v1.RecommendRequest" in bad.describe()
+        assert_clean(bad.describe().replace("tastemaker.v1.RecommendRequest", ""))
+
+    def test_registered_handlers_decode_safely(self):
+        """The servicer functions the proxy registers keep every method, with safe deserializers."""
+        from tastemaker.gateway import wire
+
+        class Recorder:
+            def __init__(self):
+                self.generic, self.registered = [], {}
+
+            def add_generic_rpc_handlers(self, handlers):
+                self.generic.extend(handlers)
+
+            def add_registered_method_handlers(self, name, handlers):
+                self.registered[name] = handlers
+
+        server = Recorder()
+        from unittest.mock import Mock
+
+        wire.add_RecommenderServiceServicer_to_server(Mock(), server)  # the proxy passes a Mock too
+        wire.add_HealthServicer_to_server(Mock(), server)
+        methods = server.registered["tastemaker.v1.RecommenderService"]
+        assert set(methods) == {m.name for m in pb.DESCRIPTOR.services_by_name["RecommenderService"].methods}
+        for name, handler in methods.items():
+            assert isinstance(handler.request_deserializer(b"\xff\xff"), wire.MalformedRequest), name
+        assert methods["StreamUserEvents"].request_streaming and methods["StreamUserEvents"].response_streaming
+        generic = {k: h for g in server.generic for k, h in g._method_handlers.items()}
+        assert isinstance(generic["/grpc.health.v1.Health/Check"].request_deserializer(b"\xff"), wire.MalformedRequest)
+        assert generic["/tastemaker.v1.RecommenderService/Recommend"].request_deserializer(
+            pb.RecommendRequest(user_id="u").SerializeToString()
+        ).user_id == "u"

@@ -46,6 +46,30 @@ def _seconds(ts) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
+def event_time_from_pb(message: pb.UserEvent, now: float) -> float:
+    """The event's time in Unix seconds (the server's `now` when unset), or InvalidArgument.
+
+    A valid Timestamp has `nanos` in [0, 1e9) (negative times carry negative `seconds` and
+    positive `nanos`); event times must lie in [1970-01-01, now + MAX_FUTURE_SKEW_S]: profile decay
+    is computed between event times, so one absurd time (−2⁶³ s) would outweigh every real one."""
+    if not message.HasField("event_time"):
+        return now
+    ts = message.event_time
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidArgument(f"event_time.nanos {ts.nanos} is outside [0, 999999999]")
+    if ts.seconds < 0:
+        raise InvalidArgument(
+            f"event_time {ts.seconds} s is before 1970-01-01T00:00:00Z; give a time between 1970 and now"
+        )
+    event_time = _seconds(ts)
+    if event_time > now + MAX_FUTURE_SKEW_S:
+        raise InvalidArgument(
+            f"event_time is more than {MAX_FUTURE_SKEW_S / 3600:g} hours in the future (clock skew allowed: "
+            f"{MAX_FUTURE_SKEW_S / 3600:g} h); give a time between 1970 and now"
+        )
+    return event_time
+
+
 def domain_item(message: pb.Item) -> Item:
     """The domain item of a message, text fields stripped exactly as the service stores them (no
     validation, no vector). `domain_item(m).text()` is the text the encoder sees, which is what
@@ -172,9 +196,7 @@ def event_from_pb(message: pb.UserEvent, config: GatewayConfig, now: float) -> U
         raise InvalidArgument(f"{pb.EventType.Name(event_type)} needs non-empty text")
     if len(text) > config.max_text_chars:
         raise InvalidArgument(f"text is {len(text)} characters; at most {config.max_text_chars} allowed")
-    event_time = _seconds(message.event_time) if message.HasField("event_time") else now
-    if event_time > now + MAX_FUTURE_SKEW_S:
-        raise InvalidArgument("event_time is more than a day in the future")
+    event_time = event_time_from_pb(message, now)
     return UserEvent(
         event_id=message.event_id,
         user_id=message.user_id,

@@ -21,7 +21,9 @@ from tastemaker.config import GatewayConfig, ProfileConfig
 from tastemaker.domain import TEXT_EVENT_TYPES, EventAck, EventType, ProfileView, UserProfileSummary
 from tastemaker.errors import FailedPrecondition, InvalidArgument, NotFound
 from tastemaker.gateway import convert
-from tastemaker.gateway.errors import status_for
+from tastemaker.gateway.admission import Admission
+from tastemaker.gateway.errors import StreamEnded, status_for
+from tastemaker.gateway.wire import MalformedRequest
 from tastemaker.profiles.actor import ShardRouter
 from tastemaker.profiles.state import SENTIMENT_ANCHORS, review_sentiment, shard_of
 from tastemaker.store import open_store
@@ -51,11 +53,13 @@ def _mapped(response_type):
         @functools.wraps(method)
         async def wrapper(self, request, grpc_context=None):
             try:
-                return await method(self, request)
+                if isinstance(request, MalformedRequest):  # bytes the proxy could not decode (gateway/wire.py)
+                    raise InvalidArgument(request.describe())
+                with self.admission.enter(method.__name__):
+                    return await method(self, request)
             except Exception as exc:  # noqa: BLE001 - this is the edge: everything gets a status
-                code, message = status_for(exc)
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    logger.warning("%s failed: %s", method.__name__, message, exc_info=True)
+                # Unexpected failures are logged inside status_for, without their text.
+                code, message = status_for(exc, method.__name__)
                 if grpc_context is not None:
                     grpc_context.set_code(code)
                     grpc_context.set_details(message)
@@ -67,6 +71,17 @@ def _mapped(response_type):
         return wrapper
 
     return decorate
+
+
+async def _decoded(request_stream):
+    """The inbound messages of a stream; a message the proxy could not decode ends it with
+    INVALID_ARGUMENT (after the answers to the messages before it)."""
+    position = 0
+    async for request in request_stream:
+        if isinstance(request, MalformedRequest):
+            raise InvalidArgument(f"stream message {position}: {request.describe()}")
+        position += 1
+        yield request
 
 
 @serve.deployment(name="Gateway", logging_config={"enable_access_log": False})
@@ -97,6 +112,14 @@ class GatewayDeployment:
         if self._anchors is None:
             self._anchors = await self.encoder.encode.remote(list(SENTIMENT_ANCHORS))
         return self._anchors
+
+    @property
+    def admission(self) -> Admission:
+        """Bounded calls in progress per unary RPC: past capacity, RESOURCE_EXHAUSTED at once.
+        Made on first use (a plain property: Serve pickles the class, and cached_property holds a lock)."""
+        if "_admission" not in self.__dict__:
+            self._admission = Admission(self.config.max_in_flight_per_rpc)
+        return self._admission
 
     # -- catalog --------------------------------------------------------------------------
     @_mapped(pb.UpsertItemsResponse)
@@ -169,13 +192,14 @@ class GatewayDeployment:
                 by_shard[shard_of(event.user_id, self.settings.profiles.num_shards)].append(i)
         if after is not None:
             await after.wait()
-        refs = [
-            self.shards.actors[shard].apply_events.remote([events[i] for i in positions])
+        # Submitted now, in stream order; a full shard mailbox refuses the message at once.
+        calls = [
+            self.shards.submit(shard, "apply_events", [events[i] for i in positions])
             for shard, positions in by_shard.items()
         ]
         if submitted is not None:
             submitted.set()
-        results = await asyncio.gather(*(self.shards.await_ref(ref) for ref in refs))
+        results = await asyncio.gather(*calls)
         for positions, shard_acks in zip(by_shard.values(), results):
             for i, ack in zip(positions, shard_acks):
                 acks[i] = ack
@@ -197,6 +221,7 @@ class GatewayDeployment:
         pulling messages, and the Serve proxy stops reading from the client: flow control, not
         unbounded buffering.
         """
+        request_stream = _decoded(request_stream)
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self.config.stream_window)
 
         async def read() -> None:
@@ -223,11 +248,16 @@ class GatewayDeployment:
                         raise task
                     acks = await task
                 except Exception as exc:  # noqa: BLE001 - a whole-message failure ends the stream with a status
-                    code, message = status_for(exc)
-                    if grpc_context is not None:
-                        grpc_context.set_code(code)
-                        grpc_context.set_details(message)
-                    return
+                    code, message = status_for(exc, "StreamUserEvents")
+                    if grpc_context is None:
+                        raise
+                    grpc_context.set_code(code)
+                    grpc_context.set_details(message)
+                    # Serve carries the context to the client only with a yielded item or an
+                    # exception: returning here would end the stream with OK. The replica wraps an
+                    # exception raised after set_code in gRPCStatusError and the proxy answers
+                    # with the code and details set above.
+                    raise StreamEnded(message) from None
                 yield pb.StreamUserEventsResponse(acks=[convert.ack_to_pb(a) for a in acks])
         finally:
             reader.cancel()
@@ -304,6 +334,11 @@ class GatewayDeployment:
 
     async def Check(self, request, grpc_context=None):
         """grpc.health.v1.Health/Check: SERVING once encoder, retrieval and shards answer."""
+        if isinstance(request, MalformedRequest):  # bytes the proxy could not decode (gateway/wire.py)
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                grpc_context.set_details(request.describe())
+            return health_pb2.HealthCheckResponse()
         if request.service not in ("", "tastemaker.v1.RecommenderService"):
             if grpc_context is not None:
                 grpc_context.set_code(grpc.StatusCode.NOT_FOUND)

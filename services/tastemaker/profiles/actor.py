@@ -10,7 +10,7 @@ import ray
 
 from tastemaker.config import ProfileConfig
 from tastemaker.domain import EventAck, ProfileView, UserEvent
-from tastemaker.errors import Unavailable
+from tastemaker.errors import ResourceExhausted, Unavailable
 from tastemaker.profiles.shard import ProfileShard
 from tastemaker.profiles.state import shard_of
 from tastemaker.store import open_store
@@ -76,7 +76,13 @@ def shard_actor_name(app_name: str, shard_id: int) -> str:
 
 
 class ShardRouter:
-    """Finds or creates the shard actors and routes calls by user id."""
+    """Finds or creates the shard actors and routes calls by user id.
+
+    Each shard's mailbox is bounded per router (`profiles.max_in_flight_calls`): a call submitted
+    while that many are unanswered is refused at once with ResourceExhausted, instead of queueing
+    behind them for seconds. A caller that gives up (its client's deadline passed, or it
+    disconnected: Serve cancels the request) cancels its shard call, so queued work whose caller is
+    gone is dropped, not done; a call already running on the shard completes."""
 
     def __init__(self, app_name: str, namespace: str, store_url: str, config: ProfileConfig):
         self.config = config
@@ -94,19 +100,40 @@ class ShardRouter:
             ).remote(shard_id, store_url, config)
             for shard_id in range(config.num_shards)
         ]
+        self.mailboxes = [Mailbox(config.max_in_flight_calls) for _ in range(config.num_shards)]
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         """Block until every shard has recovered."""
         ray.get([a.recovered.remote() for a in self.actors], timeout=timeout_s)
 
+    def shard_for(self, user_id: str) -> int:
+        """The shard that owns a user."""
+        return shard_of(user_id, self.config.num_shards)
+
     def actor_for(self, user_id: str):
-        return self.actors[shard_of(user_id, self.config.num_shards)]
+        return self.actors[self.shard_for(user_id)]
+
+    def submit(self, shard_id: int, method: str, *args) -> "asyncio.Future":
+        """Submit a call to one shard now (Ray runs one caller's calls to a shard in submission
+        order) and return a future of its result; ResourceExhausted at once when the shard's
+        mailbox is full. The slot is held until the shard has answered or dropped the call."""
+        mailbox = self.mailboxes[shard_id]
+        mailbox.admit(shard_id)
+        try:
+            ref = getattr(self.actors[shard_id], method).remote(*args)
+        except BaseException:
+            mailbox.release()
+            raise
+        done = asyncio.ensure_future(self.await_ref(ref))
+        done.add_done_callback(lambda finished: (mailbox.release(), _retrieved(finished)))
+        return _cancelling(done, ref)
 
     async def call(self, user_id: str, method: str, *args):
         """Call a shard method for a user; a dead or restarting shard becomes Unavailable."""
-        return await self.await_ref(getattr(self.actor_for(user_id), method).remote(*args))
+        return await self.submit(self.shard_for(user_id), method, *args)
 
     async def call_all(self, method: str, *args) -> list:
+        """Call every shard (not counted in the mailboxes: health and catalog bookkeeping)."""
         return await asyncio.gather(*(self.await_ref(getattr(a, method).remote(*args)) for a in self.actors))
 
     @staticmethod
@@ -118,6 +145,45 @@ class ShardRouter:
             raise Unavailable(
                 "a profile shard is restarting; acknowledged events are safe, retry the call"
             ) from exc
+
+
+class Mailbox:
+    """The count of one shard's calls submitted by this router and not yet finished."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0
+
+    def admit(self, shard_id: int) -> None:
+        """Take a slot, or raise ResourceExhausted when all `limit` are taken."""
+        if self.in_flight >= self.limit:
+            raise ResourceExhausted(
+                f"profile shard {shard_id} has {self.in_flight} calls waiting (the limit); "
+                "the service is overloaded: retry with exponential backoff"
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+def _retrieved(task: "asyncio.Future") -> None:
+    """Mark a finished call's exception as seen (its awaiter may have gone away)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _cancelling(done: "asyncio.Future", ref):
+    """Await a submitted shard call; if the awaiter is cancelled, cancel the call too (a queued
+    call is dropped; a running one finishes, and its slot is freed when it does)."""
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        try:
+            ray.cancel(ref)
+        except Exception:  # noqa: BLE001 - best effort: the call may have finished meanwhile
+            logger.debug("could not cancel a shard call", exc_info=True)
+        raise
 
 
 def kill_shards(app_name: str, namespace: str, num_shards: int, snapshot_first: bool = True) -> None:
