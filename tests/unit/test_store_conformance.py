@@ -5,8 +5,9 @@ Every test runs once per backend in `BACKENDS`. A backend is a factory that, giv
 same underlying storage (same file, same database). Calling the opener twice gives two independent
 connections, standing in for two processes (gateway and shard) sharing one store.
 
-To add a backend (e.g. PostgreSQL), append a `pytest.param(factory, id="...")` to `BACKENDS`; the
-factory must hand back an empty store the first time its opener is called. Tests use only the
+To add a backend, append a `pytest.param(factory, id="...")` to `BACKENDS`; the factory gets the
+pytest request and a fresh folder and must hand back an opener of a new, empty store. The
+PostgreSQL backend takes a fresh database on one real server per session (`postgres_server`). Tests use only the
 protocol's methods, never SQL, so they stay backend-agnostic.
 """
 
@@ -25,14 +26,24 @@ from tastemaker.store.base import ApiKeyRecord, DuplicateApiKey
 Opener = Callable[[], Store]
 
 
-def _sqlite_backend(tmp_path: Path) -> Opener:
+def _sqlite_backend(request, folder: Path) -> Opener:
     # "sqlite:///" + "/abs/path" = four slashes: SQLAlchemy's spelling of an absolute path.
-    url = "sqlite:///" + str(tmp_path / "x.db")
+    url = "sqlite:///" + str(folder / "x.db")
+    return lambda: open_store(url)
+
+
+def _postgres_backend(request, folder: Path) -> Opener:
+    """A fresh database on the session's real PostgreSQL server (tests/pgserver.py)."""
+    import uuid
+
+    server = request.getfixturevalue("postgres_server")
+    url = server.create_database(f"conformance_{uuid.uuid4().hex[:12]}")
     return lambda: open_store(url)
 
 
 BACKENDS = [
     pytest.param(_sqlite_backend, id="sqlite"),
+    pytest.param(_postgres_backend, id="postgres"),
 ]
 
 
@@ -48,7 +59,7 @@ def new_backing_store(request, tmp_path):
         count += 1
         folder = tmp_path / f"store{count}"
         folder.mkdir()
-        open_raw = request.param(folder)
+        open_raw = request.param(request, folder)
 
         def open_one() -> Store:
             store = open_raw()
@@ -522,6 +533,38 @@ class TestEventFeedAndArtifacts:
         assert second.get_meta("encoder_identity") == "sha256:b"
         second.set_meta("encoder_identity", None)
         assert first.get_meta("encoder_identity") is None
+
+    def test_compare_and_set_meta_sets_only_over_the_expected_value(self, opener):
+        first, second = opener(), opener()
+        assert first.compare_and_set_meta("lease", None, "a") is True
+        assert second.compare_and_set_meta("lease", None, "b") is False  # not absent any more
+        assert second.compare_and_set_meta("lease", "x", "b") is False
+        assert second.get_meta("lease") == "a"
+        assert second.compare_and_set_meta("lease", "a", "b") is True
+        assert first.compare_and_set_meta("lease", "a", None) is False
+        assert first.compare_and_set_meta("lease", "b", None) is True
+        assert second.get_meta("lease") is None
+
+    def test_compare_and_set_meta_has_one_winner_among_concurrent_writers(self, opener):
+        """Eight connections race to take the same absent key: exactly one succeeds."""
+        import threading
+
+        stores = [opener() for _ in range(8)]
+        start = threading.Barrier(len(stores))
+        wins: list[int] = []
+
+        def race(n: int) -> None:
+            start.wait()
+            if stores[n].compare_and_set_meta("lease", None, f"owner-{n}"):
+                wins.append(n)
+
+        threads = [threading.Thread(target=race, args=(n,)) for n in range(len(stores))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(wins) == 1
+        assert stores[0].get_meta("lease") == f"owner-{wins[0]}"
 
     def test_live_items_pages_in_item_id_order_without_deleted(self, store):
         store.upsert_items([_item(i, n) for n, i in enumerate(["c", "a", "d", "b"])])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
 from tastemaker.domain import Item, UserEvent
+
+if TYPE_CHECKING:
+    from tastemaker.config import StoreConfig
 
 
 #: Store meta key: the identity of the encoder model that made the stored item and text vectors.
@@ -158,6 +161,11 @@ class Store(Protocol):
     def set_meta(self, key: str, value: Optional[str]) -> None:
         """Set (or with None remove) a key of the key-value table."""
 
+    def compare_and_set_meta(self, key: str, expected: Optional[str], value: Optional[str]) -> bool:
+        """Atomically set `key` to `value` (None removes it) only if its current value is
+        `expected` (None: absent); True if set. The start-up lease (`tastemaker.startup`) is
+        built on it, so two processes on any nodes never both take it."""
+
     # API keys (hashes only) ----------------------------------------------------------------
     def create_api_key(self, record: ApiKeyRecord) -> None:
         """Store a new key record; a `key_id` or `key_hash` that already exists is an error."""
@@ -195,11 +203,45 @@ def user_hash(user_id: str) -> str:
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
 
 
-def open_store(url: str) -> Store:
-    """Open a store by URL: `sqlite:///absolute/path.db`."""
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by `***` (in the user part and in a `password=` query
+    parameter), for logs, banners and error messages. Other URLs come back unchanged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        # Not a URL we understand: show nothing of it rather than risk showing a secret.
+        return "<store URL without a scheme>"
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        userinfo, hostinfo = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = userinfo.split(":", 1)[0] + ":***@" + hostinfo
+    path, question, query = tail.partition("?")
+    if query:
+        query = "&".join(
+            "password=***" if pair.split("=", 1)[0].lower() == "password" else pair for pair in query.split("&")
+        )
+    return f"{scheme}://{netloc}{slash}{path}{question}{query}"
+
+
+def open_store(url: str, config: Optional["StoreConfig"] = None) -> Store:
+    """Open a store by URL: `sqlite:///absolute/path.db` (embedded, one node) or
+    `postgresql://user:password@host:port/database` (`postgres://` too; shared by every node).
+
+    `config` (the service's `store` section) sets SQLite's busy timeout and PostgreSQL's pool;
+    defaults without it. An unreachable PostgreSQL raises `tastemaker.errors.Unavailable` naming
+    host:port, never the password."""
     if url.startswith("sqlite:///"):
         from tastemaker.store.sqlite import SQLiteStore
 
         # SQLAlchemy's convention: sqlite:///relative.db, sqlite:////absolute/path.db
-        return SQLiteStore(url[len("sqlite:///") :])
-    raise ValueError(f"unsupported store URL {url!r}; allowed: sqlite:///path/to/file.db")
+        if config is None:
+            return SQLiteStore(url[len("sqlite:///") :])
+        return SQLiteStore(url[len("sqlite:///") :], busy_timeout_s=config.busy_timeout_s)
+    if url.startswith(("postgresql://", "postgres://")):
+        from tastemaker.store.postgres import PostgresStore
+
+        return PostgresStore(url, config)
+    raise ValueError(
+        f"unsupported store URL {redact_url(url)!r}; allowed: sqlite:///path/to/file.db, "
+        "postgresql://user:password@host:port/database"
+    )

@@ -455,6 +455,20 @@ class SQLiteStore:
                     (key, value),
                 )
 
+    def compare_and_set_meta(self, key: str, expected: Optional[str], value: Optional[str]) -> bool:
+        with self._write() as conn:  # BEGIN IMMEDIATE: the read and the write are one transaction
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if (None if row is None else row[0]) != expected:
+                return False
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            return True
+
     # -- API keys -------------------------------------------------------------------------
     _KEY_COLUMNS = "key_id, key_hash, role, name, create_time, revoke_time"
 
