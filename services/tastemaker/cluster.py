@@ -146,14 +146,23 @@ class StoreReporter:
             await asyncio.sleep(interval_s)
 
 
+def shard_reports(shard_states: list[dict]) -> dict[str, tuple[str, str]]:
+    """What the profile shards' `ready()` answers say about their stores, keyed `shard/<n>`."""
+    return {f"shard/{n}": (state["store_instance_id"], state["node_id"]) for n, state in enumerate(shard_states)}
+
+
 class SplitMonitor:
     """Compares the reports health gathers and logs a split once each time it changes."""
 
-    def __init__(self):
+    def __init__(self, required: tuple[str, ...] = ("gateway/", "retrieval/", "shard/")):
+        self.required = required
         self.last: Optional[str] = None
 
     def check(self, reports: Mapping[str, tuple[str, str]]) -> bool:
-        """True when every component opened the same store."""
+        """True when every component opened the same store and every kind in `required` has
+        reported (a retrieval replica that has not reported yet could be on another store)."""
+        if any(not any(name.startswith(kind) for name in reports) for kind in self.required):
+            return False
         split = describe_split(reports)
         if split != self.last:
             if split is not None:

@@ -36,10 +36,16 @@ class ProfileShardActor:
 
     def ready(self) -> dict:
         """Health: like `recovered`, but Unavailable while the store is being re-encoded for a new
-        encoder model (its profiles are about to be rebuilt), so the service is not SERVING yet."""
+        encoder model (its profiles are about to be rebuilt), so the service is not SERVING yet.
+        Also names the store this shard opened (`store_instance_id`, `node_id`): health compares
+        them across components (`tastemaker.cluster`)."""
         if self.shard.store.get_meta(ENCODER_SWAP_PENDING_KEY) is not None:
             raise Unavailable("the encoder model changed: items are being re-encoded and profiles rebuilt")
-        return self.shard.stats()
+        return {
+            **self.shard.stats(),
+            "store_instance_id": self.shard.store.instance_id(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     def rebuild(self) -> int:
         """Rebuild all profiles of the shard from the event log (see `ProfileShard.rebuild`)."""
@@ -97,6 +103,8 @@ class ShardRouter:
                 namespace=namespace,
                 get_if_exists=True,
                 lifetime="detached",
+                # Across the nodes, so losing one node restarts only its share of the shards.
+                scheduling_strategy="SPREAD",
             ).remote(shard_id, store_url, config)
             for shard_id in range(config.num_shards)
         ]

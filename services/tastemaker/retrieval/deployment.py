@@ -299,17 +299,29 @@ class RetrievalReplica:
 
 @serve.deployment(name="Retrieval")
 class RetrievalDeployment:
-    """Every replica follows the change feed on its own, so all replicas converge."""
+    """Every replica follows the change feed on its own, so all replicas converge. Each reports
+    the instance id of the store it opened (`tastemaker.cluster`), so health sees a replica that
+    opened another store than the rest (e.g. its node's own SQLite file)."""
 
-    def __init__(self, config: RetrievalConfig, store_url: str, weights: EventWeights):
+    def __init__(self, config: RetrievalConfig, store_url: str, weights: EventWeights, namespace: Optional[str] = None):
         # A request's products are small (a 64x64 solve, a catalog x 64 factor product, a few
         # hundred candidate vectors) on a fraction of a CPU: BLAS threads only contend. Timed ad hoc
         # in-process on MovieLens with the factors on, under load: recommend p50 64 ms with 2 BLAS
         # threads, 30 ms with 1. FAISS uses OpenMP, not this pool.
         threadpool_limits(1, "blas")
         self.config = config
-        self.replica = RetrievalReplica(config, open_store(store_url), weights, default_index_dir(config, store_url))
+        store = open_store(store_url)
+        self.replica = RetrievalReplica(config, store, weights, default_index_dir(config, store_url))
         self._task = asyncio.get_event_loop().create_task(self._follow())
+        self._reporter_task = None
+        if namespace is not None:
+            from tastemaker.cluster import StoreReporter
+
+            context = serve.get_replica_context()
+            reporter = StoreReporter(
+                context.app_name, namespace, f"retrieval/{context.replica_id.unique_id}", store.instance_id()
+            )
+            self._reporter_task = asyncio.get_event_loop().create_task(reporter.run_forever())
 
     async def _follow(self) -> None:
         while True:
