@@ -61,6 +61,8 @@ def build_app(config: ServiceConfig):
         store_url=store_url,
         app_name=config.server.app_name,
         namespace=config.server.namespace,
+        auth=config.auth,
+        privacy=config.privacy,
     )
     return GatewayDeployment.options(
         num_replicas=gw.num_replicas,

@@ -1,4 +1,4 @@
-"""The `tastemaker` command line: serve, recommend, similar, profile, load, encode, fit, eval, train, bench."""
+"""The `tastemaker` command line: serve, recommend, similar, profile, load, keys, encode, fit, eval, train, bench."""
 
 from __future__ import annotations
 
@@ -57,12 +57,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        api_key = _serve_api_key(config, data_dir)
         start_service(config, show_progress=not args.quiet)  # progress: re-encoding after a model change
         if load_demo:
             data = load_movielens(args.demo_path)
             if args.demo_items:
                 data = subsample(data, max_items=args.demo_items, max_users=args.demo_users)
-            with TastemakerClient(target, timeout_s=600) as client:
+            with TastemakerClient(target, timeout_s=600, api_key=api_key) as client:
                 items, events = load_dataset(client, data, show_progress=not args.quiet)
             (data_dir / DEMO_DONE_MARKER).write_text(f"{items} items, {events} events\n")
             (data_dir / DEMO_PENDING_MARKER).unlink(missing_ok=True)
@@ -82,11 +83,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("tastemaker: stopped", flush=True)
 
 
+def _serve_api_key(config: "ServiceConfig", data_dir: Path) -> Optional[str]:
+    """The key `tastemaker serve` loads the demo with. On the first start of a store without
+    keys it creates an admin key, writes it to <data_dir>/admin.key (0600, where the CLI looks)
+    and prints it once; later starts reuse the file (or TASTEMAKER_API_KEY)."""
+    from tastemaker.auth import ADMIN_KEY_FILE, ensure_admin_key
+    from tastemaker.store import open_store
+
+    if not config.auth.enabled:
+        return None
+    if config.auth.create_admin_key:
+        store = open_store(config.store_url())
+        try:
+            secret = ensure_admin_key(store, data_dir)
+        finally:
+            store.close()
+        if secret is not None:
+            print(
+                f"tastemaker: created an admin API key, shown only now and written to {data_dir / ADMIN_KEY_FILE} "
+                f"(mode 0600; the CLI reads it from there):\n    {secret}",
+                flush=True,
+            )
+            return secret
+    return _api_key(config, None)
+
+
 # -- client commands ----------------------------------------------------------------------
+def _api_key(config: "ServiceConfig", key_file: Optional[str]) -> Optional[str]:
+    """The API key a client command sends: --api-key-file, else TASTEMAKER_API_KEY (auth.api_key),
+    else <data_dir>/admin.key (what `tastemaker serve` wrote), else none."""
+    from tastemaker.auth import ADMIN_KEY_FILE, read_key_file
+
+    if key_file:
+        secret = read_key_file(Path(key_file))
+        if secret is None:
+            raise TastemakerError(f"API key file {key_file} does not exist or is empty")
+        return secret
+    if config.auth.api_key is not None:
+        return config.auth.api_key.get_secret_value()
+    return read_key_file(Path(config.data_dir).expanduser() / ADMIN_KEY_FILE)
+
+
 def _client(args: argparse.Namespace):
     from tastemaker.client import TastemakerClient
 
-    return TastemakerClient(args.target, timeout_s=args.timeout)
+    credentials = None
+    if getattr(args, "tls_ca", None):  # a service behind a TLS-terminating proxy (SECURITY.md)
+        import grpc
+
+        credentials = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+    api_key = _api_key(_config_from_args(args), getattr(args, "api_key_file", None))
+    return TastemakerClient(args.target, timeout_s=args.timeout, api_key=api_key, credentials=credentials)
 
 
 def _print_items(items, as_json: bool, extra: Optional[dict] = None) -> None:
@@ -338,6 +385,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`tastemaker keys create|list|revoke`: API keys, managed in the configured store directly
+    (run it where the store is reachable). Secrets are shown once, at creation; the store keeps
+    only their SHA-256."""
+    from datetime import datetime, timezone
+
+    from tastemaker.auth import new_key
+    from tastemaker.store import open_store
+
+    def when(t: Optional[float]) -> Optional[str]:
+        return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+    config = _config_from_args(args)
+    store = open_store(config.store_url())
+    try:
+        if args.keys_command == "create":
+            secret, record = new_key(args.role, args.name)
+            store.create_api_key(record)
+            if args.json:
+                print(json.dumps({"key_id": record.key_id, "role": record.role, "name": record.name, "key": secret}))
+            else:
+                print(f"created key {record.key_id} (role {record.role}, name {record.name!r}); the key, shown only now:")
+                print(secret)
+            return 0
+        if args.keys_command == "list":
+            rows = [
+                {"key_id": r.key_id, "role": r.role, "name": r.name, "created": when(r.create_time), "revoked": when(r.revoke_time)}
+                for r in store.list_api_keys()
+            ]
+            if args.json:
+                print(json.dumps(rows, indent=2, ensure_ascii=False))
+            else:
+                print(f"{'key_id':<18}{'role':<7}{'created':<27}{'revoked':<27}name")
+                for r in rows:
+                    print(f"{r['key_id']:<18}{r['role']:<7}{r['created']:<27}{r['revoked'] or '-':<27}{r['name']}")
+            return 0
+        if not store.revoke_api_key(args.key_id):
+            raise TastemakerError(f"no API key with id {args.key_id!r} (see `tastemaker keys list`)")
+        print(
+            f"revoked key {args.key_id}; running gateways refuse it within auth.cache_ttl_s "
+            f"({config.auth.cache_ttl_s:g} s)"
+        )
+        return 0
+    finally:
+        store.close()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tastemaker_bench import run_benchmark
 
@@ -366,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default="127.0.0.1:9000", help="host:port of the service")
         p.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument(
+            "--api-key-file", metavar="FILE",
+            help="file holding the API key (default: TASTEMAKER_API_KEY, else <data dir>/admin.key)",
+        )
+        p.add_argument("--data-dir", help="where to find admin.key (default ~/.tastemaker)")
+        p.add_argument("--config", help="YAML config file (auth section, data_dir)")
+        p.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA certificate")
 
     rec = sub.add_parser("recommend", help="recommendations for a user")
     rec.add_argument("--user", required=True)
@@ -473,6 +574,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ray-address", help="join an existing Ray cluster")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
+
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke (in the configured store)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+
+    def store_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config file (store url, data_dir)")
+        p.add_argument("--data-dir", help="state directory (default ~/.tastemaker)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=cmd_keys)
+
+    kc = keys_sub.add_parser("create", help="create a key and print it (once)")
+    kc.add_argument("--role", required=True, choices=["read", "write", "admin"], help="admin ⊇ write ⊇ read")
+    kc.add_argument("--name", required=True, help="who or what uses the key")
+    store_args(kc)
+    kl = keys_sub.add_parser("list", help="every key: id, role, name, created, revoked (never the secret)")
+    store_args(kl)
+    kr = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    kr.add_argument("key_id")
+    store_args(kr)
 
     bench = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
     bench.add_argument("benchmark", help="e.g. e2e")

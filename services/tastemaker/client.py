@@ -53,14 +53,34 @@ class _MetadataInterceptor(
 class TastemakerClient:
     """Wraps a channel and the generated stub. Use as a context manager to close the channel."""
 
-    def __init__(self, target: str = "127.0.0.1:9000", timeout_s: float = 60.0, application: Optional[str] = None):
-        """`application` names the Serve application; needed only when one Serve instance runs
-        several applications (the proxy then routes by the `application` metadata key)."""
+    def __init__(
+        self,
+        target: str = "127.0.0.1:9000",
+        timeout_s: float = 60.0,
+        application: Optional[str] = None,
+        api_key: Optional[str] = None,
+        credentials: Optional[grpc.ChannelCredentials] = None,
+        options: Sequence[tuple[str, object]] = (),
+    ):
+        """`api_key` is sent on every call as `authorization: Bearer <key>` (see SECURITY.md).
+        `application` names the Serve application; needed only when one Serve instance runs
+        several applications (the proxy then routes by the `application` metadata key).
+        `credentials` (e.g. `grpc.ssl_channel_credentials(ca_pem)`) make a TLS channel, for a
+        service behind a TLS-terminating proxy; `options` are extra channel options."""
         self.target = target
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        channel_options = [*_CHANNEL_OPTIONS, *options]
+        if credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, options=channel_options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=channel_options)
+        metadata: tuple[tuple[str, str], ...] = ()
         if application:
-            self.channel = grpc.intercept_channel(self.channel, _MetadataInterceptor((("application", application),)))
+            metadata += (("application", application),)
+        if api_key:
+            metadata += (("authorization", f"Bearer {api_key}"),)
+        if metadata:
+            self.channel = grpc.intercept_channel(self.channel, _MetadataInterceptor(metadata))
         self.stub = pb_grpc.RecommenderServiceStub(self.channel)
 
     def __enter__(self) -> "TastemakerClient":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tastemaker.errors import InvalidArgument
 
@@ -288,6 +288,60 @@ class BulkEncodeConfig(_Strict):
             )
 
 
+class AuthConfig(_Strict):
+    """API keys and roles (see SECURITY.md): every RPC except health and reflection needs the
+    metadata `authorization: Bearer <key>`; roles admin ⊇ write ⊇ read."""
+
+    enabled: bool = Field(True, description="Require an API key on every RPC but health and reflection.")
+    cache_ttl_s: float = Field(
+        5.0, ge=0, le=300, description="How long the gateway caches a key lookup: a revoked key stops working within this."
+    )
+    cache_max_keys: int = Field(10_000, ge=1, description="Keys cached per gateway replica (least recently used evicted).")
+    read_rate_per_s: float = Field(1_000.0, ge=0, description="Calls per second per read key, per gateway replica (0 = unlimited).")
+    write_rate_per_s: float = Field(
+        1_000.0, ge=0, description="Calls (or stream messages) per second per write key, per gateway replica (0 = unlimited)."
+    )
+    admin_rate_per_s: float = Field(1_000.0, ge=0, description="Calls per second per admin key, per gateway replica (0 = unlimited).")
+    burst_s: float = Field(2.0, gt=0, description="A key may save up this many seconds of its rate for a burst.")
+    create_admin_key: bool = Field(
+        True, description="`tastemaker serve`: create an admin key in <data_dir>/admin.key when the store has no key."
+    )
+    api_key: Optional[SecretStr] = Field(
+        None, description="Key the CLI sends (TASTEMAKER_API_KEY); None = the one in <data_dir>/admin.key."
+    )
+
+    def settings(self):
+        """The plain settings `tastemaker.auth.Authenticator` takes."""
+        from tastemaker.auth import AuthSettings
+
+        return AuthSettings(
+            enabled=self.enabled,
+            cache_ttl_s=self.cache_ttl_s,
+            cache_max_keys=self.cache_max_keys,
+            rate_per_s={"read": self.read_rate_per_s, "write": self.write_rate_per_s, "admin": self.admin_rate_per_s},
+            burst_s=self.burst_s,
+        )
+
+
+class PrivacyConfig(_Strict):
+    """User-id pseudonymisation (see services/tastemaker/privacy.py and SECURITY.md)."""
+
+    user_id_key: Optional[SecretStr] = Field(
+        None,
+        description="HMAC-SHA256 key (≥ 32 bytes; TASTEMAKER_USER_ID_KEY) that turns every user id into a pseudonym "
+        "at the gateway before it is routed or stored; None = ids stored as sent. Never stored with the data.",
+    )
+
+    @field_validator("user_id_key")
+    @classmethod
+    def _long_enough(cls, value: Optional[SecretStr]) -> Optional[SecretStr]:
+        if value is not None:
+            from tastemaker.privacy import check_user_id_key
+
+            check_user_id_key(value.get_secret_value())
+        return value
+
+
 class ServerConfig(_Strict):
     """Where the service listens and which Ray cluster it uses."""
 
@@ -311,6 +365,8 @@ class ServiceConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     bulk_encode: BulkEncodeConfig = Field(default_factory=BulkEncodeConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     def store_url(self) -> str:
         """The store URL, defaulting to a SQLite file in the data directory."""
@@ -324,7 +380,24 @@ ENV_ALLOWLIST: dict[str, tuple[str, ...]] = {
     "TASTEMAKER_RAY_ADDRESS": ("server", "ray_address"),
     "TASTEMAKER_ENCODER_MODEL_PATH": ("encoder", "model_path"),
     "TASTEMAKER_ENCODER_DEVICE": ("encoder", "device"),
+    "TASTEMAKER_API_KEY": ("auth", "api_key"),
+    "TASTEMAKER_USER_ID_KEY": ("privacy", "user_id_key"),
 }
+
+
+#: Config fields that hold secrets: their values are cut out of every configuration error message.
+SECRET_FIELDS: tuple[tuple[str, ...], ...] = (("auth", "api_key"), ("privacy", "user_id_key"), ("store", "url"))
+
+
+def _redacted(message: str, tree: dict[str, Any]) -> str:
+    """`message` without the value of any secret field (pydantic errors quote the bad input)."""
+    for path in SECRET_FIELDS:
+        value: Any = tree
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and str(value):
+            message = message.replace(repr(str(value)), "'**********'").replace(str(value), "**********")
+    return message
 
 
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -365,4 +438,4 @@ def load_config(
     try:
         return ServiceConfig.model_validate(tree)
     except Exception as exc:  # pydantic's message lists every bad field
-        raise InvalidArgument(f"invalid configuration: {exc}") from exc
+        raise InvalidArgument(_redacted(f"invalid configuration: {exc}", tree)) from None

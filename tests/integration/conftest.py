@@ -45,15 +45,40 @@ def ray_session():
         ray.shutdown()
 
 
+def create_key(config: ServiceConfig, role: str = "admin", name: str = "integration tests") -> str:
+    """A new API key of `role` written straight into the service's store (what `tastemaker keys
+    create` does); returns the secret."""
+    from tastemaker.auth import new_key
+    from tastemaker.store import open_store
+
+    secret, record = new_key(role, name)
+    store = open_store(config.store_url())
+    try:
+        store.create_api_key(record)
+    finally:
+        store.close()
+    return secret
+
+
 class RunningService:
-    """A deployed application and a client connected to it."""
+    """A deployed application and a client connected to it with an admin key."""
 
     def __init__(self, config: ServiceConfig):
         from tastemaker.client import TastemakerClient
 
         self.config = config
         self.target = f"127.0.0.1:{config.server.grpc_port}"
-        self.client = TastemakerClient(self.target, timeout_s=120)
+        # Auth is on by default: every test talks through an admin key, as an operator would.
+        self.api_key = create_key(config)
+        self.client = TastemakerClient(self.target, timeout_s=120, api_key=self.api_key)
+
+    def new_client(self, **kwargs):
+        """Another client of this service, with the admin key unless `api_key` is given."""
+        from tastemaker.client import TastemakerClient
+
+        kwargs.setdefault("api_key", self.api_key)
+        kwargs.setdefault("timeout_s", 120)
+        return TastemakerClient(self.target, **kwargs)
 
     def stop(self) -> None:
         from tastemaker.app import stop_service

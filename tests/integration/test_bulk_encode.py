@@ -114,10 +114,11 @@ def test_ray_data_job_vectors_equal_the_backend_on_item_text(service, records, v
 
 
 def test_load_with_vectors_skips_encoding_and_behaves_like_an_encoded_load(
-    service, records, items_file, vectors_dir, capsys
+    service, records, items_file, vectors_dir, capsys, monkeypatch
 ):
     client = service.client
     before = _encoder_texts(service)
+    monkeypatch.setenv("TASTEMAKER_API_KEY", service.api_key)  # the key the CLI sends
     assert cli_main(["load", "items", str(items_file), "--vectors", str(vectors_dir), "--target", service.target, "--timeout", "120"]) == 0
     assert f"{N_ITEMS} items carry precomputed vectors" in capsys.readouterr().out
     assert _encoder_texts(service) == before  # the service encoded none of them

@@ -104,17 +104,25 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _cli_json(port: int, command: str, *extra: str) -> dict:
+def _cli_json(port: int, data_dir: Path, command: str, *extra: str) -> dict:
+    # --data-dir: where `tastemaker serve --data-dir` wrote the admin key the CLI sends.
     out = subprocess.run(
-        [str(BIN / "tastemaker"), command, "--target", f"127.0.0.1:{port}", "--json", *extra],
+        [str(BIN / "tastemaker"), command, "--target", f"127.0.0.1:{port}", "--data-dir", str(data_dir), "--json", *extra],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
-def _recommend_json(port: int, *extra: str) -> dict:
-    return _cli_json(port, "recommend", *extra)
+def _recommend_json(port: int, data_dir: Path, *extra: str) -> dict:
+    return _cli_json(port, data_dir, "recommend", *extra)
+
+
+def _admin_key(data_dir: Path) -> str:
+    """The admin key `tastemaker serve` created on its first start (private to its owner)."""
+    path = data_dir / "admin.key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    return path.read_text().strip()
 
 
 def test_serve_recommend_ctrl_c_and_restart_keeps_data(tmp_path):
@@ -128,12 +136,14 @@ def test_serve_recommend_ctrl_c_and_restart_keeps_data(tmp_path):
     try:
         server.wait_for("demo loaded", START_TIMEOUT_S)
         server.wait_for("READY", 60)
-        first = _recommend_json(port, "--user", user, "--k", "5")
+        key = _admin_key(data_dir)
+        assert sum(key in line for line in server.seen) == 1, "the new admin key is printed once"
+        first = _recommend_json(port, data_dir, "--user", user, "--k", "5")
         assert len(first["items"]) == 5 and first["profile_version"] > 0
         assert all(i["title"] and i["reason"] for i in first["items"])
-        profile_before = _cli_json(port, "profile", "--user", user)
+        profile_before = _cli_json(port, data_dir, "profile", "--user", user)
         assert int(profile_before["profile_version"]) == first["profile_version"]
-        steered = _recommend_json(port, "--user", "nobody", "--k", "3", "--query", "animated movie for kids about toys")
+        steered = _recommend_json(port, data_dir, "--user", "nobody", "--k", "3", "--query", "animated movie for kids about toys")
         assert steered["profile_version"] == 0 and len(steered["items"]) == 3
         assert server.interrupt() == 0
     finally:
@@ -144,9 +154,10 @@ def test_serve_recommend_ctrl_c_and_restart_keeps_data(tmp_path):
     try:
         server.wait_for("READY", START_TIMEOUT_S)
         assert not any("demo loaded" in line for line in server.seen), "the demo must not load twice"
-        again = _recommend_json(port, "--user", user, "--k", "5")
+        assert not any(key in line or "created an admin API key" in line for line in server.seen)
+        again = _recommend_json(port, data_dir, "--user", user, "--k", "5")
         assert again["profile_version"] == first["profile_version"]
-        assert _cli_json(port, "profile", "--user", user) == profile_before
+        assert _cli_json(port, data_dir, "profile", "--user", user) == profile_before
         assert server.interrupt() == 0
     finally:
         server.kill()
@@ -168,7 +179,7 @@ def test_service_killed_mid_stream_loses_no_acknowledged_event(tmp_path):
     server = ServeProcess(data_dir, port, http_port, "--no-demo")
     try:
         server.wait_for("READY", START_TIMEOUT_S)
-        with TastemakerClient(f"127.0.0.1:{port}") as client:
+        with TastemakerClient(f"127.0.0.1:{port}", api_key=_admin_key(data_dir)) as client:
             client.upsert_items(items)
             try:
                 for ack in client.stream_events(events, max_batch=50, linger_s=0.001):
@@ -185,7 +196,7 @@ def test_service_killed_mid_stream_loses_no_acknowledged_event(tmp_path):
     server = ServeProcess(data_dir, port, http_port, "--no-demo")
     try:
         server.wait_for("READY", START_TIMEOUT_S)
-        with TastemakerClient(f"127.0.0.1:{port}") as client:
+        with TastemakerClient(f"127.0.0.1:{port}", api_key=_admin_key(data_dir)) as client:
             # The client retries everything: acknowledged events must come back as duplicates,
             # the rest get applied now, and each exactly once.
             acks = client.write_events(events, batch_size=500)

@@ -10,19 +10,20 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import grpc
 from grpc_health.v1 import health_pb2
 from ray import serve
 
-from tastemaker.config import GatewayConfig, ProfileConfig
+from tastemaker.config import AuthConfig, GatewayConfig, PrivacyConfig, ProfileConfig
 from tastemaker.domain import TEXT_EVENT_TYPES, EventAck, EventType, ProfileView, UserProfileSummary
 from tastemaker.errors import FailedPrecondition, InvalidArgument, NotFound
 from tastemaker.gateway import convert
 from tastemaker.gateway.admission import Admission
 from tastemaker.gateway.errors import StreamEnded, status_for
+from tastemaker.gateway.guard import EdgeGuard
 from tastemaker.gateway.wire import MalformedRequest
 from tastemaker.profiles.actor import ShardRouter
 from tastemaker.profiles.state import SENTIMENT_ANCHORS, review_sentiment, shard_of
@@ -44,6 +45,8 @@ class GatewaySettings:
     store_url: str
     app_name: str
     namespace: str
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def _mapped(response_type):
@@ -53,10 +56,13 @@ def _mapped(response_type):
         @functools.wraps(method)
         async def wrapper(self, request, grpc_context=None):
             try:
+                # API key, role, rate limit, pseudonymous user ids (gateway/guard.py) first: a caller
+                # without a valid key learns nothing, not even whether its bytes decode.
+                request, restore = await self.guard.admit(method.__name__, request, grpc_context)
                 if isinstance(request, MalformedRequest):  # bytes the proxy could not decode (gateway/wire.py)
                     raise InvalidArgument(request.describe())
                 with self.admission.enter(method.__name__):
-                    return await method(self, request)
+                    return restore(await method(self, request))
             except Exception as exc:  # noqa: BLE001 - this is the edge: everything gets a status
                 # Unexpected failures are logged inside status_for, without their text.
                 code, message = status_for(exc, method.__name__)
@@ -94,6 +100,7 @@ class GatewayDeployment:
         self.encoder = encoder
         self.retrieval = retrieval
         self.store = open_store(settings.store_url)
+        self.guard = EdgeGuard(settings.auth, settings.privacy, self.store, self.config)
         self.shards = ShardRouter(settings.app_name, settings.namespace, settings.store_url, settings.profiles)
         self.shards.wait_ready()
         self._anchors = None  # praise/complaint vectors, encoded on first use
@@ -221,6 +228,8 @@ class GatewayDeployment:
         pulling messages, and the Serve proxy stops reading from the client: flow control, not
         unbounded buffering.
         """
+        # Key checked on the first message; an auth error ends the stream like any inbound error.
+        request_stream, restore = self.guard.admit_stream(request_stream, grpc_context)
         request_stream = _decoded(request_stream)
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self.config.stream_window)
 
@@ -258,7 +267,7 @@ class GatewayDeployment:
                     # exception raised after set_code in gRPCStatusError and the proxy answers
                     # with the code and details set above.
                     raise StreamEnded(message) from None
-                yield pb.StreamUserEventsResponse(acks=[convert.ack_to_pb(a) for a in acks])
+                yield restore(pb.StreamUserEventsResponse(acks=[convert.ack_to_pb(a) for a in acks]))
         finally:
             reader.cancel()
 
