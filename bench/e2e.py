@@ -56,6 +56,9 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "e2e.json"
 _T0 = time.monotonic()
 
 
+#: The admin key of the benchmark's own service (auth is on by default), set in main().
+_API_KEY: Optional[str] = None
+
 def progress(message: str) -> None:
     """One progress line on stderr, with the seconds since the benchmark started."""
     print(f"[e2e {time.monotonic() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
@@ -245,6 +248,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _check_args(parser, args)
 
     from tastemaker.app import start_service, stop_service
+    from tastemaker.auth import create_key_in_store
     from tastemaker.client import TastemakerClient
     from tastemaker.config import load_config
     from tastemaker.datasets.movielens import load_movielens, subsample
@@ -282,6 +286,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress(f"starting the service on {target} (data in {tmp.name}); this takes a while")
         start_service(config)
         progress("service SERVING")
+        global _API_KEY
+        if config.auth.enabled:  # both applications get the same metadata; the echo ignores it
+            _API_KEY = create_key_in_store(config.store_url(), "admin", "bench e2e")
         import ray
 
         ray_cpus = ray.cluster_resources().get("CPU")
@@ -292,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             data = subsample(data, max_items=args.items, max_users=args.users)
         users = sorted({r.user_id for r in data.ratings})
         progress(f"loading {len(data.items)} items and {len(data.ratings)} ratings of {len(users)} users")
-        with TastemakerClient(target, timeout_s=600, application=app_name) as client:
+        with TastemakerClient(target, api_key=_API_KEY, timeout_s=600, application=app_name) as client:
             loaded_items, loaded_events = load_dataset(client, data, show_progress=sys.stderr.isatty())
         progress(f"loaded {loaded_items} items, {loaded_events} rating events")
         if args.fit:
@@ -303,8 +310,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress(f"deploying the echo application {ECHO_APP_NAME!r}")
         deploy_echo(num_cpus=config.gateway.num_cpus, max_ongoing_requests=config.gateway.max_ongoing_requests)
 
-        service = TastemakerClient(target, timeout_s=30, application=app_name)
-        echo = TastemakerClient(target, timeout_s=30, application=ECHO_APP_NAME)
+        service = TastemakerClient(target, api_key=_API_KEY, timeout_s=30, application=app_name)
+        echo = TastemakerClient(target, api_key=_API_KEY, timeout_s=30, application=ECHO_APP_NAME)
         try:
             _sanity_check(service, echo, users[0])
             if args.fit:
@@ -414,7 +421,7 @@ def _one_run(run, args, target, app_name, echo_name, service, echo, users, rng) 
         def make_call(i: int, name=name, application=application):
             # Each thread draws from its own generator: numpy generators are not thread-safe.
             thread_rng = np.random.default_rng([args.seed, run, i])
-            client = TastemakerClient(target, timeout_s=30, application=application)
+            client = TastemakerClient(target, api_key=_API_KEY, timeout_s=30, application=application)
 
             def call():
                 user = users[int(thread_rng.integers(len(users)))]

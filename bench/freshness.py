@@ -75,6 +75,9 @@ REVIEW_RATING = 4.0
 _T0 = time.monotonic()
 
 
+#: The admin key of the benchmark's own service (auth is on by default), set in main().
+_API_KEY: Optional[str] = None
+
 def progress(message: str) -> None:
     """One progress line on stderr, with the seconds since the benchmark started."""
     print(f"[freshness {time.monotonic() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
@@ -530,7 +533,7 @@ def _one_run(run: int, args, target: str, app_name: str, echo_name: str, item_id
             f"run {run}/{args.runs}: A {key}: {args.rate:g} events/s for {args.warmup:g}+{args.duration:g} s, "
             f"linger {args.linger_ms:g} ms, <= {args.max_batch} per message{cap}"
         )
-        with TastemakerClient(target, timeout_s=30, application=application[who]) as client:
+        with TastemakerClient(target, api_key=_API_KEY, timeout_s=30, application=application[who]) as client:
             m = fixed_rate_stream(
                 client.stub,
                 make_event,
@@ -584,7 +587,7 @@ def _one_run(run: int, args, target: str, app_name: str, echo_name: str, item_id
                 f"run {run}/{args.runs}: B {who} {kind}: {args.batch} events/message, {args.inflight} in flight, "
                 f"{args.duration:g} s"
             )
-            with TastemakerClient(target, timeout_s=30, application=application[who]) as client:
+            with TastemakerClient(target, api_key=_API_KEY, timeout_s=30, application=application[who]) as client:
                 pool_key = "echo" if who == "echo" else f"service_{kind}"
                 prebuilt = max(1, PREBUILT_EVENTS[pool_key] // args.batch)
                 m = max_rate_stream(client.stub, make_message, args.duration, args.inflight, prebuilt, cycle=who == "echo")
@@ -598,8 +601,8 @@ def _one_run(run: int, args, target: str, app_name: str, echo_name: str, item_id
 
     # C: ack -> visible, on channels of their own.
     progress(f"run {run}/{args.runs}: C: {args.visible_samples} samples of write -> Recommend(min_profile_version)")
-    with TastemakerClient(target, timeout_s=30, application=app_name) as service, TastemakerClient(
-        target, timeout_s=30, application=echo_name
+    with TastemakerClient(target, api_key=_API_KEY, timeout_s=30, application=app_name) as service, TastemakerClient(
+        target, api_key=_API_KEY, timeout_s=30, application=echo_name
     ) as echo:
         v = measure_visible(service, echo, item_ids, args.visible_samples, f"{tag}-c", rng)
     result.visible = v
@@ -628,7 +631,7 @@ def _sanity_check(target: str, app_name: str, echo_name: str, item_id: str) -> N
                 item_id=item_id,
             )
             try:
-                with TastemakerClient(target, timeout_s=30, application=name) as client:
+                with TastemakerClient(target, api_key=_API_KEY, timeout_s=30, application=name) as client:
                     replies = list(client.stub.StreamUserEvents(iter([pb.StreamUserEventsRequest(events=[event])]), timeout=30))
                 break
             except grpc.RpcError as exc:
@@ -649,6 +652,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _check_args(parser, args)
 
     from tastemaker.app import start_service, stop_service
+    from tastemaker.auth import create_key_in_store
     from tastemaker.client import TastemakerClient
     from tastemaker.config import load_config
     from tastemaker.datasets.movielens import load_movielens, subsample
@@ -683,6 +687,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress(f"starting the service on {target} (data in {tmp.name}); this takes a while")
         start_service(config)
         progress("service SERVING")
+        global _API_KEY
+        if config.auth.enabled:  # both applications get the same metadata; the echo ignores it
+            _API_KEY = create_key_in_store(config.store_url(), "admin", "bench freshness")
         import ray
 
         ray_cpus = ray.cluster_resources().get("CPU")
@@ -691,7 +698,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         data = subsample(load_movielens(args.movielens_path), max_items=args.items, max_users=args.users)
         item_ids = [i.item_id for i in data.items]
         progress(f"loading {len(data.items)} items and {len(data.ratings)} ratings")
-        with TastemakerClient(target, timeout_s=600, application=app_name) as client:
+        with TastemakerClient(target, api_key=_API_KEY, timeout_s=600, application=app_name) as client:
             loaded_items, loaded_events = load_dataset(client, data, show_progress=sys.stderr.isatty())
         progress(f"loaded {loaded_items} items, {loaded_events} rating events")
 

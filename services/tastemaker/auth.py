@@ -264,3 +264,17 @@ def ensure_admin_key(store, data_dir: Path, name: str = "local admin (tastemaker
     store.create_api_key(record)
     write_key_file(Path(data_dir) / ADMIN_KEY_FILE, secret)
     return secret
+
+
+def create_key_in_store(store_url: str, role: str, name: str) -> str:
+    """Create a key directly in the store at `store_url` (what `tastemaker keys create` does);
+    returns the secret. For operators' scripts, benchmarks and tests that own their service."""
+    from tastemaker.store import open_store
+
+    secret, record = new_key(role, name)
+    store = open_store(store_url)
+    try:
+        store.create_api_key(record)
+    finally:
+        store.close()
+    return secret
