@@ -5,6 +5,7 @@
     server = start_postgres()          # initdb + pg_ctl start; takes a few seconds
     server.url                         # postgresql://tastemaker:<password>@127.0.0.1:<port>/tastemaker
     url = server.create_database("x")  # a fresh, empty database on the same server; returns its URL
+    url = server.create_schema("y")    # or a fresh schema (cheaper); the URL sets search_path to it
     server.stop()                      # pg_ctl stop -m immediate on this data dir, then rm the dir
 
 The session fixture `postgres_server` (tests/conftest.py) shares one server per test session.
@@ -119,6 +120,18 @@ class PostgresServer:
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url_for(name)
+
+    def create_schema(self, name: str) -> str:
+        """Create an empty schema in the default database and return a URL whose connections use
+        it (`options=-csearch_path=<name>`): a fresh store in milliseconds, where a database
+        takes about a second."""
+        if not name.replace("_", "").isalnum() or not name[0].isalpha():
+            raise ValueError(f"schema name {name!r}: use letters, digits and underscores")
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{name}"')
+        return f"{self.url}?options=-csearch_path%3D{name}"
 
     def stop(self) -> None:
         """Stop this server (immediate mode: a test server keeps nothing) and remove its files."""

@@ -234,8 +234,27 @@ class ProfileConfig(_Strict):
 class StoreConfig(_Strict):
     """Where state lives. `url` None means `sqlite:///<data_dir>/tastemaker.db`."""
 
-    url: Optional[str] = Field(None, description="sqlite:///path/file.db")
+    url: Optional[str] = Field(
+        None,
+        repr=False,  # may carry a password: never in a printed config
+        description="sqlite:////absolute/path/file.db (one node) or postgresql://user:password@host:5432/db "
+        "(shared by every node of a cluster); env TASTEMAKER_STORE_URL.",
+    )
     busy_timeout_s: float = Field(30.0, gt=0, description="How long a writer waits for the SQLite lock.")
+    pool_min_size: int = Field(1, ge=0, description="PostgreSQL: connections each process keeps open.")
+    pool_max_size: int = Field(
+        8, ge=1, description="PostgreSQL: most connections one process opens (every replica and shard has its own pool)."
+    )
+    pool_timeout_s: float = Field(
+        30.0, gt=0, description="PostgreSQL: how long a call waits for a free pooled connection before UNAVAILABLE."
+    )
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="PostgreSQL: how long opening a connection may take before the server counts as unreachable."
+    )
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.pool_max_size < self.pool_min_size:
+            raise ValueError(f"store.pool_max_size ({self.pool_max_size}) < store.pool_min_size ({self.pool_min_size})")
 
 
 class GatewayConfig(_Strict):
@@ -380,6 +399,8 @@ ENV_ALLOWLIST: dict[str, tuple[str, ...]] = {
     "TASTEMAKER_RAY_ADDRESS": ("server", "ray_address"),
     "TASTEMAKER_ENCODER_MODEL_PATH": ("encoder", "model_path"),
     "TASTEMAKER_ENCODER_DEVICE": ("encoder", "device"),
+    # The store URL may hold a password: let a Kubernetes Secret set it rather than the config file.
+    "TASTEMAKER_STORE_URL": ("store", "url"),
     "TASTEMAKER_API_KEY": ("auth", "api_key"),
     "TASTEMAKER_USER_ID_KEY": ("privacy", "user_id_key"),
 }
