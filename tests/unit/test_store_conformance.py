@@ -14,7 +14,7 @@ protocol's methods, never SQL, so they stay backend-agnostic.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
@@ -692,3 +692,145 @@ class TestApiKeysAndInstanceId:
             t.join(timeout=60)
         assert errors == [] and len(stores) == 4
         assert len({s.instance_id() for s in stores}) == 1
+
+
+# -- feeds under concurrent writers ---------------------------------------------------------
+
+
+def _write_event(store: Store, n: int) -> None:
+    store.append_events(0, [_event(f"u{n}", f"e{n}", "a")])
+
+
+def _read_events(store: Store, cursor: int) -> list[tuple[int, str]]:
+    return [(s.seq, s.event.user_id) for s in store.events_after(cursor)]
+
+
+def _write_item(store: Store, n: int) -> None:
+    store.upsert_items([_item(f"u{n}", n)])
+
+
+def _read_items(store: Store, cursor: int) -> list[tuple[int, str]]:
+    return [(c.seq, c.item_id) for c in store.item_changes(cursor)]
+
+
+def _write_erasure(store: Store, n: int) -> None:
+    store.delete_user(f"u{n}")
+
+
+def _read_erasures(store: Store, cursor: int) -> list[tuple[int, str]]:
+    import hashlib
+
+    names = {hashlib.sha256(f"u{n}".encode()).hexdigest(): f"u{n}" for n in (1, 2)}
+    return [(seq, names.get(hashed, hashed)) for seq, hashed in store.erasures_after(cursor)]
+
+
+FEEDS = [
+    pytest.param(_write_event, _read_events, id="events"),
+    pytest.param(_write_item, _read_items, id="items"),
+    pytest.param(_write_erasure, _read_erasures, id="erasures"),
+]
+
+
+def _late_committer_race(writer_a: Store, writer_b: Store, reader: Store, write, read) -> list[str]:
+    """Writer A writes entry "u1" and is held after its seqs are taken, right before COMMIT (the
+    stores' `_before_commit` seam); writer B then writes "u2". While A is held, a follower polls
+    the feed as followers do (cursor = last seq seen). Then A commits, both writers return, and
+    the follower polls once more. Returns what the follower saw, in order."""
+    import threading
+    import time
+
+    a_held, release_a, b_returned = threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    commit = writer_a._before_commit
+
+    def hold_before_commit(*args):
+        a_held.set()
+        if not release_a.wait(timeout=60):
+            raise RuntimeError("writer A was never released")
+        return commit(*args)
+
+    writer_a._before_commit = hold_before_commit  # an instance attribute: only writer A is held
+
+    def run(store: Store, n: int, done: Optional[threading.Event] = None) -> None:
+        try:
+            write(store, n)
+        except BaseException as exc:  # reported by the caller's assert
+            errors.append(exc)
+        finally:
+            if done is not None:
+                done.set()
+
+    seen: list[str] = []
+    cursor = 0
+
+    def poll() -> None:
+        nonlocal cursor
+        for seq, key in read(reader, cursor):
+            assert seq > cursor
+            seen.append(key)
+            cursor = seq
+
+    thread_a = threading.Thread(target=run, args=(writer_a, 1))
+    thread_a.start()
+    try:
+        assert a_held.wait(timeout=60), "writer A never reached its commit"
+        thread_b = threading.Thread(target=run, args=(writer_b, 2, b_returned))
+        thread_b.start()
+        # B's chance to get ahead of A. A correct store makes B wait for A (a lock) or keeps B
+        # invisible until A commits; a naive one lets B commit and the follower move past A's
+        # seq. Poll until B returned, or for one second if B is (correctly) waiting on A.
+        deadline = time.monotonic() + 1.0
+        while not b_returned.is_set() and time.monotonic() < deadline:
+            poll()
+            b_returned.wait(timeout=0.01)
+        poll()
+    finally:
+        release_a.set()
+        thread_a.join(timeout=60)
+    thread_b.join(timeout=60)
+    assert errors == [] and not thread_a.is_alive() and not thread_b.is_alive()
+    # Both writes have returned, so both are committed: one poll must find whatever is left.
+    poll()
+    return seen
+
+
+class TestFeedsWithConcurrentWriters:
+    """The item change feed, the event feed and the erasure feed are followed as "seq > last
+    seen". If seqs were handed out in one order and committed in another (a plain PostgreSQL
+    sequence), a follower could see seq N+1 while N is still in flight, move its cursor past N and
+    never see N: a retrieval replica would miss an item, a collaborative model an event. This
+    guards that every follower sees every entry exactly once when two writers race, with the
+    late committer holding the *earlier* seq. `test_naive_sequence_loses_the_late_committer`
+    shows the same race does lose an entry when seqs come from a plain sequence."""
+
+    @pytest.mark.parametrize("write, read", FEEDS)
+    def test_follower_sees_every_entry_once_when_the_earlier_seq_commits_last(self, opener, write, read):
+        seen = _late_committer_race(opener(), opener(), opener(), write, read)
+        assert sorted(seen) == ["u1", "u2"], f"the follower saw {seen}"
+
+
+def test_naive_sequence_loses_the_late_committer(postgres_server):
+    """The race of `TestFeedsWithConcurrentWriters` against a PostgresStore whose seqs are taken
+    like `nextval()` (committed at once, outside the writing transaction): the follower loses
+    writer A's event. Proves the race test can fail, i.e. that it tests something."""
+    import uuid
+
+    from tastemaker.store.postgres import PostgresStore
+
+    class NaiveSequenceStore(PostgresStore):
+        def _reserve_seqs(self, cur, feed, count):
+            with self._pool.connection() as other:  # autocommit: no lock held until our commit
+                (last,) = other.execute(
+                    "UPDATE counters SET value = value + %s WHERE name = %s RETURNING value", (count, feed)
+                ).fetchone()
+            return last - count + 1
+
+    url = postgres_server.create_schema(f"naive_{uuid.uuid4().hex[:12]}")
+    stores = [NaiveSequenceStore(url) for _ in range(3)]
+    try:
+        seen = _late_committer_race(*stores, _write_event, _read_events)
+        assert seen == ["u2"]  # u1 committed later with the smaller seq: skipped for good
+        assert sorted(s.event.user_id for s in stores[2].events_after(0)) == ["u1", "u2"]
+    finally:
+        for store in stores:
+            store.close()

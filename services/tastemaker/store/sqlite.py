@@ -129,12 +129,22 @@ class SQLiteStore:
 
             def __exit__(self_inner, exc_type, exc, tb):
                 try:
+                    if exc_type is None:
+                        store._before_commit(store._conn)
                     store._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                except BaseException:
+                    if exc_type is None and store._conn.in_transaction:
+                        store._conn.execute("ROLLBACK")
+                    raise
                 finally:
                     store._lock.release()
                 return False
 
         return _Tx()
+
+    def _before_commit(self, conn: sqlite3.Connection) -> None:
+        """Called inside every write transaction right before its COMMIT. A seam for tests that
+        hold a writer between reserving seqs and committing; does nothing."""
 
     def _next_seq(self, conn: sqlite3.Connection, name: str, count: int) -> int:
         """Reserve `count` consecutive sequence numbers inside the current transaction."""
