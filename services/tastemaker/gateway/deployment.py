@@ -177,6 +177,10 @@ class GatewayDeployment:
         """
         try:
             return await self._write_events_ordered(messages, after, submitted)
+        except BaseException:
+            if submitted is not None:
+                submitted.failed = True  # the stream ends here: later messages must not be applied
+            raise
         finally:
             if submitted is not None:
                 submitted.set()  # never leave later messages waiting, even on failure
@@ -199,6 +203,8 @@ class GatewayDeployment:
                 by_shard[shard_of(event.user_id, self.settings.profiles.num_shards)].append(i)
         if after is not None:
             await after.wait()
+            if getattr(after, "failed", False):
+                raise InvalidArgument("an earlier message of this stream failed; the stream has ended")
         # Submitted now, in stream order; a full shard mailbox refuses the message at once.
         calls = [
             self.shards.submit(shard, "apply_events", [events[i] for i in positions])
