@@ -47,7 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if load_demo:
         (data_dir / DEMO_PENDING_MARKER).write_text("loading the MovieLens demo\n")
     target = f"{config.server.host}:{config.server.grpc_port}"
-    print(f"tastemaker: starting (data in {data_dir}, store {config.store_url()})", flush=True)
+    from tastemaker.store.base import redact_url
+
+    print(f"tastemaker: starting (data in {data_dir}, store {redact_url(config.store_url())})", flush=True)
 
     def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C: a clean stop
         raise KeyboardInterrupt

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from tastemaker.errors import InvalidArgument
 
@@ -73,6 +73,13 @@ class EncoderConfig(_Strict):
         ],
         description="onnx int8: MatMul nodes whose name contains one of these stay fp32 (default: the first two "
         "feed-forward blocks, the most quantisation-sensitive in MiniLM).",
+    )
+    onnx_int8_min_cosine: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="onnx int8 start-up check: the int8 model must agree with the fp32 export to this cosine on "
+        "every check text on this CPU, else the backend falls back to fp32 with a warning.",
     )
     onnx_cache_dir: Optional[str] = Field(
         None, description="Where exported ONNX files are cached; None = <data_dir>/encoder-cache in the service."
@@ -458,5 +465,13 @@ def load_config(
             _set_path(tree, field_path, value)
     try:
         return ServiceConfig.model_validate(tree)
-    except Exception as exc:  # pydantic's message lists every bad field
+    except ValidationError as exc:
+        # Each bad field and what is wrong, without the input: pydantic quotes inputs shortened
+        # ("postgresql://u:S..."), and a secret cut in half would slip past _redacted.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'config'}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        )
+        raise InvalidArgument(_redacted(f"invalid configuration: {problems}", tree)) from None
+    except Exception as exc:  # a validator that raised something else
         raise InvalidArgument(_redacted(f"invalid configuration: {exc}", tree)) from None

@@ -241,7 +241,9 @@ def open_store(url: str, config: Optional["StoreConfig"] = None) -> Store:
         from tastemaker.store.postgres import PostgresStore
 
         return PostgresStore(url, config)
-    raise ValueError(
+    from tastemaker.errors import InvalidArgument
+
+    raise InvalidArgument(
         f"unsupported store URL {redact_url(url)!r}; allowed: sqlite:///path/to/file.db, "
         "postgresql://user:password@host:port/database"
     )

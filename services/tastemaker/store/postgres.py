@@ -196,7 +196,7 @@ class PostgresStore:
 
     def _unavailable(self, exc: BaseException) -> Unavailable:
         """A clear error naming host:port/database, with the password scrubbed from the cause."""
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         if self._password:
             reason = reason.replace(self._password, "***")
         return Unavailable(f"cannot reach the PostgreSQL store at {self._where}: {reason}")

@@ -1,0 +1,172 @@
+"""What the PostgreSQL store adds to the conformance suite (tests/unit/test_store_conformance.py):
+secrets kept out of messages, clear errors for an unreachable server, durability settings, schema
+versioning. Runs against real PostgreSQL servers (tests/pgserver.py)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import pytest
+
+from tastemaker.config import StoreConfig, load_config
+from tastemaker.errors import InvalidArgument, Unavailable
+from tastemaker.store import open_store
+from tastemaker.store.base import redact_url
+
+FAST = StoreConfig(connect_timeout_s=2, pool_timeout_s=2)
+
+
+def _fresh_url(server) -> str:
+    return server.create_schema(f"store_{uuid.uuid4().hex[:12]}")
+
+
+# -- redaction --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("postgresql://app:s3cr%40t@db.internal:5432/tm", "postgresql://app:***@db.internal:5432/tm"),
+        ("postgres://app:pw@db/tm?sslmode=require", "postgres://app:***@db/tm?sslmode=require"),
+        ("postgresql://app@db/tm?password=pw&sslmode=require", "postgresql://app@db/tm?password=***&sslmode=require"),
+        ("postgresql://app:p@ss@db/tm", "postgresql://app:***@db/tm"),  # an unencoded @ in the password
+        ("postgresql://db.internal/tm", "postgresql://db.internal/tm"),
+        ("sqlite:////var/lib/tastemaker/tastemaker.db", "sqlite:////var/lib/tastemaker/tastemaker.db"),
+        ("app:pw@db/tm", "<store URL without a scheme>"),
+    ],
+)
+def test_redact_url_hides_the_password_and_keeps_the_rest(url, expected):
+    assert redact_url(url) == expected
+
+
+def test_unsupported_url_is_refused_without_its_password():
+    with pytest.raises(InvalidArgument) as caught:
+        open_store("postgresq://app:TOPSECRET@db/tm")
+    assert "TOPSECRET" not in str(caught.value)
+    assert "postgresq://app:***@db/tm" in str(caught.value)
+
+
+def test_store_url_comes_from_the_allowlisted_env_var_and_stays_out_of_reprs():
+    url = "postgresql://app:TOPSECRET@db.internal:5432/tm"
+    config = load_config(environ={"TASTEMAKER_STORE_URL": url})
+    assert config.store_url() == url
+    assert "TOPSECRET" not in repr(config) and "TOPSECRET" not in str(config.store)
+
+
+def test_bad_store_config_error_has_no_password():
+    url = "postgresql://app:TOPSECRET@db.internal:5432/tm"
+    with pytest.raises(InvalidArgument) as caught:
+        load_config(environ={"TASTEMAKER_STORE_URL": url}, overrides={("store", "pool_min_size"): 5, ("store", "pool_max_size"): 2})
+    assert "pool_max_size" in str(caught.value)
+    assert "TOPSECRET" not in str(caught.value) and "TOPS" not in str(caught.value)
+
+
+# -- unreachable servers ----------------------------------------------------------------------
+def test_nothing_listening_names_host_and_port_not_the_password(caplog):
+    from tests.conftest import free_port
+
+    port = free_port()
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(Unavailable) as caught:
+        open_store(f"postgresql://app:TOPSECRET@127.0.0.1:{port}/tm", FAST)
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}/tm" in message and "PostgreSQL" in message
+    assert "TOPSECRET" not in message and "TOPSECRET" not in caplog.text
+
+
+def test_wrong_password_is_a_clear_error_without_either_password(postgres_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    bad = postgres_server.url.replace(f":{postgres_server.password}@", ":WRONGPASSWORD@")
+    with pytest.raises(Unavailable) as caught:
+        open_store(bad, FAST)
+    message = str(caught.value)
+    assert f"127.0.0.1:{postgres_server.port}" in message
+    assert "password authentication failed" in message
+    for secret in ("WRONGPASSWORD", postgres_server.password):
+        assert secret not in message and secret not in caplog.text
+
+
+def test_server_gone_after_start_is_unavailable_without_the_password(caplog):
+    """A store whose server stops: calls fail fast with UNAVAILABLE naming host:port."""
+    from tests.pgserver import start_postgres
+
+    server = start_postgres()
+    try:
+        store = open_store(server.url, FAST)
+        assert store.count_items() == 0
+    finally:
+        server.stop()
+    caplog.set_level(logging.DEBUG)
+    try:
+        with pytest.raises(Unavailable) as caught:
+            store.count_items()
+        message = str(caught.value)
+        assert f"127.0.0.1:{server.port}" in message
+        assert server.password not in message and server.password not in caplog.text
+    finally:
+        store.close()
+
+
+# -- durability and schema --------------------------------------------------------------------
+def test_every_pooled_connection_commits_synchronously_even_if_the_database_says_off(postgres_server):
+    import psycopg
+
+    url = postgres_server.create_database(f"async_{uuid.uuid4().hex[:12]}")
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET synchronous_commit = off")
+    with psycopg.connect(url) as plain:  # the database default is really off...
+        assert plain.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+    store = open_store(url, StoreConfig(pool_min_size=3, pool_max_size=3))
+    try:
+        # ...and every connection of the store's pool turned it on (hold all three at once).
+        conns = [store._pool.getconn() for _ in range(3)]
+        try:
+            assert [c.execute("SHOW synchronous_commit").fetchone()[0] for c in conns] == ["on"] * 3
+        finally:
+            for c in conns:
+                store._pool.putconn(c)
+    finally:
+        store.close()
+
+
+def test_concurrent_starters_migrate_once_and_agree(postgres_server):
+    from tastemaker.store.postgres import SCHEMA_VERSION
+
+    url = _fresh_url(postgres_server)
+    stores, errors = [], []
+
+    def start() -> None:
+        try:
+            stores.append(open_store(url, FAST))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    try:
+        assert errors == [] and len(stores) == 6
+        assert {s.schema_version() for s in stores} == {SCHEMA_VERSION}
+        assert len({s.instance_id() for s in stores}) == 1
+        with stores[0]._read() as cur:
+            versions = [v for (v,) in cur.execute("SELECT version FROM schema_version ORDER BY version")]
+        assert versions == list(range(1, SCHEMA_VERSION + 1))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_newer_schema_is_refused_with_a_clear_message(postgres_server):
+    from tastemaker.store.postgres import SCHEMA_VERSION
+
+    url = _fresh_url(postgres_server)
+    store = open_store(url, FAST)
+    with store._write() as cur:
+        cur.execute("INSERT INTO schema_version(version, apply_time) VALUES (%s, 0)", (SCHEMA_VERSION + 1,))
+    store.close()
+    with pytest.raises(Unavailable) as caught:
+        open_store(url, FAST)
+    assert f"schema version {SCHEMA_VERSION + 1}" in str(caught.value) and "upgrade" in str(caught.value)
+    assert postgres_server.password not in str(caught.value)
