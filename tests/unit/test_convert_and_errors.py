@@ -526,6 +526,7 @@ class TestLoadConfig:
             "TASTEMAKER_ENCODER_DEVICE": "cuda:1",
             "TASTEMAKER_API_KEY": "tm_client_key",
             "TASTEMAKER_USER_ID_KEY": "k" * 32,
+            "TASTEMAKER_STORE_URL": "postgresql://tm:pw@db.internal:5432/tastemaker",
         }
         assert set(env) == set(ENV_ALLOWLIST)
         cfg = load_config(environ=env)
@@ -536,7 +537,7 @@ class TestLoadConfig:
         assert cfg.auth.api_key.get_secret_value() == "tm_client_key"
         assert cfg.privacy.user_id_key.get_secret_value() == "k" * 32
         assert cfg.encoder.device == "cuda:1"
-        assert cfg.store_url() == "sqlite:///" + str((tmp_path / "data" / "tastemaker.db").resolve())
+        assert cfg.store_url() == "postgresql://tm:pw@db.internal:5432/tastemaker"
 
     def test_non_allowlisted_env_ignored(self):
         env = {
