@@ -90,6 +90,30 @@ def test_onnx_matches_fp32_transformers_on_the_demo_catalog(started_backends, ca
     assert cosine.min() >= min_cosine, f"{backend_name}: cosine {cosine.min():.4f} on {catalog_texts[worst]!r}"
 
 
+def test_onnx_int8_start_up_check_measured_on_this_cpu(started_backends):
+    """The int8 backend checks itself against the fp32 export where it runs; with unsigned (u8u8)
+    weights the integer kernels are exact on every x86-64 CPU, so the check passes without falling
+    back (on an AVX2-only EPYC too: see the encoder README for the emulated run)."""
+    check = started_backends("onnx-int8").int8_check
+    assert check["fell_back_to_fp32"] is False, check
+    assert check["min_cosine"] >= check["bar"] == 0.99
+
+
+def test_onnx_int8_falls_back_to_fp32_below_its_bar(onnx_cache, caplog, catalog_texts, reference_vectors):
+    """A CPU whose int8 kernels miss the bar gets the fp32 export, with a warning, not bad vectors
+    (an unreachable bar of 1.0 stands in for such a CPU)."""
+    backend = create_backend(
+        EncoderConfig(backend="onnx", onnx_precision="int8", onnx_int8_min_cosine=1.0, onnx_cache_dir=str(onnx_cache))
+    )
+    with caplog.at_level("WARNING"):
+        backend.start()
+    assert backend.int8_check["fell_back_to_fp32"] is True
+    assert backend.onnx_path.name.endswith("-fp32.onnx")
+    assert any("serving the fp32 export instead" in r.getMessage() for r in caplog.records)
+    vectors = backend.encode(catalog_texts[:50])
+    assert float((vectors * reference_vectors[:50]).sum(axis=1).min()) >= 0.9999
+
+
 def test_onnx_int8_keeps_catalog_neighbours(started_backends, catalog_texts, reference_vectors):
     """What retrieval needs from int8: each item's nearest neighbours barely change."""
     int8 = started_backends("onnx-int8").encode(catalog_texts)

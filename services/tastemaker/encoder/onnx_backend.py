@@ -48,6 +48,8 @@ class OnnxBackend:
         self._input_names: tuple[str, ...] = ()
         self._pipeline: Optional[BatchPipeline] = None
         self.per_text = False
+        #: What the int8 start-up check measured on this CPU (empty for fp32).
+        self.int8_check: dict = {}
 
     def start(self) -> None:
         """Export (or find in the cache), open the session, warm up."""
@@ -77,8 +79,37 @@ class OnnxBackend:
         self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         self.dimension = int(exported.dimension)
         self.per_text = self.config.onnx_precision == "int8"
+        if self.per_text:
+            self._check_int8_on_this_cpu(ort, options)
         self._pipeline = BatchPipeline.from_config(self._tokenize, self._forward, self.dimension, self.config)
         self.encode(list(WARM_UP_TEXTS))
+
+    def _check_int8_on_this_cpu(self, ort, options) -> None:
+        """Run the int8 model and the fp32 export on `INT8_CHECK_TEXTS` here, on this CPU: int8
+        accuracy depends on the integer kernels the CPU has, so a model quantised (and checked)
+        on one machine is checked again where it serves. Below `onnx_int8_min_cosine` the backend
+        serves the fp32 export instead, with a warning. The result is kept in `int8_check`."""
+        from tastemaker.encoder.onnx_export import INT8_CHECK_TEXTS, ensure_exported
+
+        fp32 = ensure_exported(self.config.model_copy(update={"onnx_precision": "fp32"}), self.cache_dir)
+        fp32_session = ort.InferenceSession(str(fp32.path), options, providers=["CPUExecutionProvider"])
+        feeds = self._tokenize(list(INT8_CHECK_TEXTS))
+        int8 = self._forward(feeds)
+        reference = np.concatenate([fp32_session.run([self._output_name], row)[0] for row in feeds])
+        cosine = (int8 * reference).sum(axis=1)
+        worst = float(cosine.min())
+        self.int8_check = {"min_cosine": worst, "bar": self.config.onnx_int8_min_cosine, "fell_back_to_fp32": False}
+        if worst < self.config.onnx_int8_min_cosine:
+            logger.warning(
+                "int8 encoder model disagrees with fp32 on this CPU (min cosine %.4f < encoder.onnx_int8_min_cosine "
+                "%.4f): serving the fp32 export instead",
+                worst,
+                self.config.onnx_int8_min_cosine,
+            )
+            self._session = fp32_session
+            self.onnx_path = fp32.path
+            self.per_text = False
+            self.int8_check["fell_back_to_fp32"] = True
 
     def _tokenize(self, texts: list[str]) -> Any:
         if self.per_text:  # one unpadded (1, length) feed per text
