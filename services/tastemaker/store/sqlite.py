@@ -5,6 +5,7 @@ replicas) open the same file, each with its own connection."""
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -25,6 +26,8 @@ from tastemaker.store.base import (
     StoredEvent,
     user_hash,
 )
+
+logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -100,6 +103,9 @@ class SQLiteStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         # FULL: the WAL is fsynced at every commit, so an acknowledged event survives power loss.
         self._conn.execute("PRAGMA synchronous=FULL")
+        # Deleted rows are overwritten with zeros, not left in free pages: DeleteUser must leave
+        # no copy of the user's id or text in the file (tests/integration/test_privacy.py).
+        self._conn.execute("PRAGMA secure_delete=ON")
         self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         with self._lock:
             self._conn.executescript(_SCHEMA)
@@ -374,7 +380,16 @@ class SQLiteStore:
             deleted = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
             conn.execute("DELETE FROM snapshots WHERE user_id = ?", (user_id,))
             conn.execute("INSERT INTO erasures(user_hash) VALUES (?)", (user_hash(user_id),))
+        self._truncate_wal()
         return deleted
+
+    def _truncate_wal(self) -> None:
+        """Copy the WAL into the database and empty it: the WAL still holds the frames that wrote
+        an erased user's rows. TRUNCATE waits (busy timeout) for readers of older snapshots."""
+        with self._lock:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            logger.warning("the WAL could not be emptied after an erasure (readers busy); the next erasure retries")
 
     def erasures_after(self, after_seq: int) -> list[tuple[int, str]]:
         with self._lock:
