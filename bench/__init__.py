@@ -11,7 +11,9 @@ BENCHMARKS = {
     "e2e": "tastemaker_bench.e2e",
     "encoder": "tastemaker_bench.encoder",
     "freshness": "tastemaker_bench.freshness",
+    "overload": "tastemaker_bench.overload",
     "retrieval": "tastemaker_bench.retrieval",
+    "stores": "tastemaker_bench.stores",
 }
 
 

@@ -275,12 +275,17 @@ class GatewayConfig(_Strict):
     max_page_size: int = Field(100, ge=1)
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0)
-    max_ongoing_requests: int = Field(256, ge=1)
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests (open streams included) one gateway replica works on at once; more wait in the "
+        "proxy's queue, so a flood is refused there, before it can crowd the replica's event loop.",
+    )
     max_queued_requests: int = Field(
-        64, ge=1, description="Requests queued for the gateway before RESOURCE_EXHAUSTED (fast overload error)."
+        32, ge=1, description="Requests queued for the gateway before RESOURCE_EXHAUSTED (fast overload error)."
     )
     max_in_flight_per_rpc: int = Field(
-        8,
+        4,
         ge=1,
         description="Calls of one unary RPC in progress per gateway replica; more are refused at once with "
         "RESOURCE_EXHAUSTED (bench/README.md: `bench overload` sized it).",
