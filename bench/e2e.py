@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--seed", type=int, default=0, help="seed of the random user ids and query texts")
     out = parser.add_argument_group("service and output")
     out.add_argument(
+        "--store-url",
+        default=None,
+        help="the service's store: postgresql://user:password@host:port/db (an empty database or schema: the "
+        "benchmark loads its data into it) or sqlite:////abs/path.db; None = SQLite in the temporary data dir",
+    )
+    out.add_argument(
         "--config",
         help="service YAML config to benchmark (data dir, ports and Ray address are set by the benchmark; "
         "environment variables are ignored so runs are reproducible)",
@@ -251,6 +257,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tastemaker.auth import create_key_in_store
     from tastemaker.client import TastemakerClient
     from tastemaker.config import load_config
+    from tastemaker.store.base import redact_url
     from tastemaker.datasets.movielens import load_movielens, subsample
     from tastemaker.demo import load_dataset
     from tastemaker_bench.echo import ECHO_APP_NAME, deploy_echo
@@ -269,6 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("data_dir",): tmp.name,
             ("server", "grpc_port"): grpc_port,
             ("server", "http_port"): http_port,
+            ("store", "url"): args.store_url,
         },
         environ={},
     )
@@ -348,6 +356,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "seed": args.seed,
         "ray_cpus": ray_cpus,
         "client": "in-process, one gRPC channel per client thread",
+        "store": redact_url(config.store_url()),
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": load_after,
     }

@@ -467,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of the item choices and review texts")
     out = parser.add_argument_group("service and output")
     out.add_argument(
+        "--store-url",
+        default=None,
+        help="the service's store: postgresql://user:password@host:port/db (an empty database or schema: the "
+        "benchmark loads its data into it) or sqlite:////abs/path.db; None = SQLite in the temporary data dir",
+    )
+    out.add_argument(
         "--config",
         help="service YAML config to benchmark (data dir, ports and Ray address are set by the benchmark; "
         "environment variables are ignored so runs are reproducible)",
@@ -655,6 +661,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tastemaker.auth import create_key_in_store
     from tastemaker.client import TastemakerClient
     from tastemaker.config import load_config
+    from tastemaker.store.base import redact_url
     from tastemaker.datasets.movielens import load_movielens, subsample
     from tastemaker.demo import load_dataset
     from tastemaker_bench.e2e import free_port, host_block
@@ -673,6 +680,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("data_dir",): tmp.name,
             ("server", "grpc_port"): grpc_port,
             ("server", "http_port"): http_port,
+            ("store", "url"): args.store_url,
         },
         environ={},
     )
@@ -756,6 +764,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "baseline": "an echo Recommend (bare unary Serve gRPC round trip) after every sample",
         },
         "targets": TARGETS,
+        "store": redact_url(config.store_url()),
         "runs": args.runs,
         "aggregate": "median of runs",
         "seed": args.seed,
