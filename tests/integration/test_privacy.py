@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tastemaker.config import PrivacyConfig
+from tastemaker.config import PrivacyConfig, StoreConfig
 from tastemaker.privacy import Pseudonymizer
 from tastemaker.v1 import recommender_service_pb2 as pb
 from tests.integration.conftest import MOVIE_ITEMS, make_config, start
@@ -29,12 +29,15 @@ pytestmark = pytest.mark.integration
 USER_ID_KEY = "privacy-test-key-" + "k" * 32
 
 
-@pytest.fixture(scope="module", params=["pseudonymised", "plain"])
+@pytest.fixture(scope="module", params=["pseudonymised", "plain", "postgres"])
 def service(request, ray_session, tmp_path_factory):
     # A snapshot after every event: the user's profile is in the snapshots table before deletion.
     config = make_config(tmp_path_factory.mktemp(f"privacy-{request.param}"), snapshot_every_events=1)
     if request.param == "pseudonymised":
         config.privacy = PrivacyConfig(user_id_key=USER_ID_KEY)  # validated (model_copy would not)
+    if request.param == "postgres":  # a real PostgreSQL server (tests/pgserver.py), a fresh database
+        server = request.getfixturevalue("postgres_server")
+        config.store = StoreConfig(url=server.create_database("privacy_erasure"))
     running = start(config)
     running.client.upsert_items(MOVIE_ITEMS)
     running.mode = request.param
@@ -60,6 +63,41 @@ def _sqlite_rows_containing(db_path: Path, needles: list[str]) -> dict[str, list
     finally:
         conn.close()
     return found
+
+
+def _postgres_rows_containing(url: str, needles: list[str]) -> dict[str, list[str]]:
+    """As _sqlite_rows_containing, over every table of the database's current schema."""
+    import psycopg
+
+    found: dict[str, list[str]] = {n: [] for n in needles}
+    with psycopg.connect(url) as conn:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+            )
+        ]
+        assert "events" in tables and "snapshots" in tables, tables
+        for table in tables:
+            cursor = conn.execute(f'SELECT * FROM "{table}"')
+            columns = [d.name for d in cursor.description]
+            for row in cursor:
+                for column, value in zip(columns, row):
+                    if isinstance(value, memoryview):
+                        value = bytes(value)
+                    raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+                    for needle in needles:
+                        if needle.encode("utf-8") in raw:
+                            found[needle].append(f"{table}.{column}")
+    return found
+
+
+def _rows_containing(service, needles: list[str]) -> dict[str, list[str]]:
+    """Every table of the service's store (SQLite file or PostgreSQL database)."""
+    if service.mode == "postgres":
+        return _postgres_rows_containing(service.config.store.url, needles)
+    return _sqlite_rows_containing(Path(service.config.data_dir) / "tastemaker.db", needles)
 
 
 def _files_containing(data_dir: Path, needles: list[str]) -> dict[str, list[str]]:
@@ -123,13 +161,14 @@ def test_delete_user_leaves_no_trace_in_any_table_or_file(service):
     needles = [user, stored, review]
 
     # Positive control: the scans do see the user's data while it exists.
-    before = _sqlite_rows_containing(data_dir / "tastemaker.db", needles)
+    before = _rows_containing(service, needles)
     assert "events.user_id" in before[stored] and "events.text" in before[review]
     assert "snapshots.user_id" in before[stored], "the profile snapshot exists before deletion"
-    assert _files_containing(data_dir, [stored])[stored], "the user's rows are in the store's files"
+    if service.mode != "postgres":  # (PostgreSQL's files are the server's, not under data_dir)
+        assert _files_containing(data_dir, [stored])[stored], "the user's rows are in the store's files"
 
     assert client.delete_user(user).deleted_event_count == 3
-    after_tables = _sqlite_rows_containing(data_dir / "tastemaker.db", needles)
+    after_tables = _rows_containing(service, needles)
     after_files = _files_containing(data_dir, needles)
     assert all(not v for v in after_tables.values()), f"left in tables: {after_tables}"
     assert all(not v for v in after_files.values()), f"left in files: {after_files}"
@@ -139,6 +178,8 @@ def test_delete_user_leaves_no_trace_in_any_table_or_file(service):
 def test_no_user_written_text_in_any_log(service, caplog):
     import ray
 
+    if service.mode == "postgres":
+        pytest.skip("the log paths do not depend on the store; checked on SQLite")
     client = service.client
     marker = uuid.uuid4().hex
     texts = {
