@@ -170,3 +170,16 @@ def test_a_newer_schema_is_refused_with_a_clear_message(postgres_server):
         open_store(url, FAST)
     assert f"schema version {SCHEMA_VERSION + 1}" in str(caught.value) and "upgrade" in str(caught.value)
     assert postgres_server.password not in str(caught.value)
+
+
+def test_postgres_scheme_alias_opens_the_same_store(postgres_server):
+    url = _fresh_url(postgres_server)
+    first = open_store(url, FAST)
+    second = open_store(url.replace("postgresql://", "postgres://", 1), FAST)
+    try:
+        assert type(first).__name__ == type(second).__name__ == "PostgresStore"
+        assert first.instance_id() == second.instance_id()
+        assert postgres_server.password not in repr(first)
+    finally:
+        first.close()
+        second.close()
