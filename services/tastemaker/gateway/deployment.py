@@ -286,7 +286,8 @@ class GatewayDeployment:
                 return view
             if time.monotonic() >= deadline:
                 raise FailedPrecondition(
-                    f"profile of user {user_id!r} is at version {view.profile_version}, below "
+                    # No id in the text: with pseudonyms it would be the stored one, not the caller's.
+                    f"the user's profile is at version {view.profile_version}, below "
                     f"min_profile_version {min_version}; retry shortly, or check the version came "
                     f"from an ack for this user"
                 )
