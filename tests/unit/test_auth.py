@@ -183,3 +183,77 @@ def test_config_sections_and_secrets_never_in_errors():
         load_config(environ={"TASTEMAKER_USER_ID_KEY": secret})
     assert "at least 32" in str(info.value) and secret not in str(info.value)
     assert info.value.__cause__ is None  # the pydantic error (which quotes the input) is not chained
+
+
+class _Context:
+    """The part of Serve's gRPC context the guard reads."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def invocation_metadata(self):
+        return self.metadata
+
+
+def _guard(store, user_id_key=None, **auth):
+    from tastemaker.config import AuthConfig, GatewayConfig, PrivacyConfig
+    from tastemaker.gateway.guard import EdgeGuard
+
+    return EdgeGuard(AuthConfig(**auth), PrivacyConfig(user_id_key=user_id_key), store, GatewayConfig())
+
+
+def test_guard_pseudonymises_requests_and_restores_the_callers_ids(store):
+    from tastemaker.v1 import recommender_service_pb2 as pb
+
+    secret, record = new_key("write", "w")
+    store.create_api_key(record)
+    guard = _guard(store, user_id_key="g" * 32)
+    context = _Context(_meta(secret))
+    pseudonym = Pseudonymizer("g" * 32).pseudonym("alice")
+
+    request, restore = asyncio.run(guard.admit("GetUserProfile", pb.GetUserProfileRequest(user_id="alice"), context))
+    assert request.user_id == pseudonym
+    assert restore(pb.GetUserProfileResponse(user_id=pseudonym)).user_id == "alice"
+
+    events = [
+        pb.UserEvent(event_id="1", user_id="alice"),
+        pb.UserEvent(event_id="2", user_id=""),  # invalid ids stay as sent: validation names them
+        pb.UserEvent(event_id="3", user_id="x" * 500),
+    ]
+    request, restore = asyncio.run(guard.admit("WriteUserEvents", pb.WriteUserEventsRequest(events=events), context))
+    assert [e.user_id for e in request.events] == [pseudonym, "", "x" * 500]
+    response = pb.WriteUserEventsResponse(acks=[pb.EventAck(event_id=e.event_id, user_id=e.user_id) for e in request.events])
+    assert [a.user_id for a in restore(response).acks] == ["alice", "", "x" * 500]
+
+    # Streams: the key is checked on the first message, ids masked per message, acks restored in order.
+    async def messages():
+        yield pb.StreamUserEventsRequest(events=[pb.UserEvent(event_id="s1", user_id="alice")])
+        yield pb.StreamUserEventsRequest(events=[pb.UserEvent(event_id="s2", user_id="bob")])
+
+    async def run_stream(metadata):
+        stream, restore = guard.admit_stream(messages(), _Context(metadata))
+        out = []
+        async for message in stream:
+            ack = pb.EventAck(event_id=message.events[0].event_id, user_id=message.events[0].user_id)
+            out.append((message.events[0].user_id, restore(pb.StreamUserEventsResponse(acks=[ack])).acks[0].user_id))
+        return out
+
+    masked = asyncio.run(run_stream(_meta(secret)))
+    assert masked == [(pseudonym, "alice"), (Pseudonymizer("g" * 32).pseudonym("bob"), "bob")]
+    with pytest.raises(Unauthenticated):
+        asyncio.run(run_stream([]))
+
+
+def test_guard_without_privacy_leaves_requests_alone_and_checks_roles(store):
+    from tastemaker.v1 import recommender_service_pb2 as pb
+
+    secret, record = new_key("read", "r")
+    store.create_api_key(record)
+    guard = _guard(store)
+    request = pb.RecommendRequest(user_id="alice")
+    admitted, restore = asyncio.run(guard.admit("Recommend", request, _Context(_meta(secret))))
+    assert admitted.user_id == "alice" and restore("unchanged") == "unchanged"
+    with pytest.raises(PermissionDenied):
+        asyncio.run(guard.admit("DeleteUser", pb.DeleteUserRequest(user_id="alice"), _Context(_meta(secret))))
+    with pytest.raises(Unauthenticated):
+        asyncio.run(guard.admit("Recommend", request, None))  # no context, no metadata
