@@ -15,9 +15,11 @@ public API, then
    the admitted requests against the unloaded p99 (goal ≤ 3×), any other status (goal: none), and
    the **recovery time**: from the moment the load stops until `--recovery-probes` consecutive
    sequential calls succeed within 3× the unloaded p99;
-4. unless `--no-unbounded`: the same 4× load against the same service redeployed with the old
-   unbounded limits (admission off, Serve queues of 2,000), the same-run baseline of what shedding
-   changes.
+4. with `--limits 2,8`: the highest multiple again with other admission bounds
+   (`gateway.max_in_flight_per_rpc`), to size the default;
+5. unless `--no-unbounded`: the same 4× load against the same service redeployed with the old
+   unbounded limits (admission off, 256 ongoing requests and Serve queues of 2,000), the same-run
+   baseline of what shedding changes.
 
 Medians over `--runs`. JSON as in bench/README.md; a table on stdout; progress on stderr. The load
 generator runs in this process on the same machine as the service, so at 4× it competes with the
@@ -213,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, default=16, help="gRPC channels of the open-loop load")
     parser.add_argument("--recovery-probes", type=int, default=5, help="consecutive fast answers that count as recovered")
     parser.add_argument("--runs", type=int, default=1, help="repetitions; medians are reported")
+    parser.add_argument(
+        "--limits",
+        default="",
+        help="other gateway.max_in_flight_per_rpc values to measure at the highest multiple after the configured "
+        "one, e.g. 2,8 (each redeploys the gateway; the capacity clients stay the same)",
+    )
     parser.add_argument("--no-unbounded", action="store_true", help="skip the same-run baseline with the old unbounded limits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", help="service YAML config (data dir, ports, Ray address are set by the benchmark)")
@@ -288,6 +296,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     config.server.ray_num_cpus = None
     target = f"{config.server.host}:{grpc_port}"
     bounded_limits = {name: getattr(config.gateway, name) for name in UNBOUNDED}
+    alternatives = [int(x) for x in args.limits.split(",") if x.strip()] if args.limits else []
+    sizing: dict[int, list[dict]] = {}
     runs: list[dict] = []
     baseline_runs: list[dict] = []
     try:
@@ -305,13 +315,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         clients = args.capacity_clients or config.gateway.max_in_flight_per_rpc
         for run in range(args.runs):
             runs.append(asyncio.run(_measure(args, target, metadata, users, clients, multiples, f"run {run + 1} bounded")))
+        from tastemaker.app import wait_serving
+
+        for limit in alternatives:
+            progress(f"redeploying with gateway.max_in_flight_per_rpc = {limit} (sizing the default)")
+            config.gateway.max_in_flight_per_rpc = limit
+            deploy(config)
+            wait_serving(target)
+            sizing[limit] = [
+                asyncio.run(_measure(args, target, metadata, users, clients, [max(multiples)], f"run {run + 1} limit {limit}"))
+                for run in range(args.runs)
+            ]
         if not args.no_unbounded:
             progress("redeploying with the old unbounded limits (the same-run baseline)")
             for name, value in UNBOUNDED.items():
                 setattr(config.gateway, name, value)
             deploy(config)
-            from tastemaker.app import wait_serving
-
             wait_serving(target)
             top = [max(multiples)]
             for run in range(args.runs):
@@ -325,6 +344,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             tmp.cleanup()
 
     figures = _figures(runs, baseline_runs, multiples)
+    top = max(multiples)
+    for limit, limit_runs in sizing.items():
+        loads = [r["loads"][top] for r in limit_runs]
+        tag = f"{top:g}x_limit_{limit}"
+        figures += [
+            figure(f"admitted_rps_at_{tag}", _median(len(load.ok_s) / load.duration_s for load in loads), "requests/s"),
+            figure(f"admitted_p50_ms_at_{tag}", _median(load.p(load.ok_s, 50) for load in loads), "ms"),
+            figure(f"admitted_p99_ms_at_{tag}", _median(load.p(load.ok_s, 99) for load in loads), "ms"),
+            figure(f"refused_share_at_{tag}", _median(load.refused_share for load in loads), "fraction"),
+        ]
     params = {
         "items": args.items,
         "users": args.users,
@@ -341,6 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "aggregate": "median of runs",
         "limits": bounded_limits,
         "unbounded_limits": None if args.no_unbounded else UNBOUNDED,
+        "other_in_flight_limits": alternatives,
         "client": "in-process grpc.aio, open loop over several channels",
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": load_after,
