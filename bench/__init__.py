@@ -7,6 +7,7 @@ import importlib
 
 #: benchmark name -> module under this package with a `main(argv) -> int`.
 BENCHMARKS = {
+    "auth": "tastemaker_bench.auth",
     "bulk-encode": "tastemaker_bench.bulk_encode",
     "e2e": "tastemaker_bench.e2e",
     "encoder": "tastemaker_bench.encoder",
