@@ -30,7 +30,8 @@ from tastemaker.store.base import ApiKeyRecord
 #: Roles from least to most privileged; each includes every role before it.
 ROLES: tuple[str, ...] = ("read", "write", "admin")
 
-#: The role each RPC needs. RPCs not listed here (health, reflection) are open to everyone.
+#: The role each RPC needs. An RPC missing here needs `admin` (fail closed: a new RPC is never open
+#: by accident). Health and reflection never reach this check: they are not gateway RPCs.
 METHOD_ROLES: dict[str, str] = {
     "Recommend": "read",
     "SimilarItems": "read",
@@ -188,8 +189,8 @@ class Authenticator:
     @staticmethod
     def authorize(record: ApiKeyRecord, method: str) -> None:
         """PermissionDenied unless the key's role covers the RPC."""
-        required = METHOD_ROLES.get(method)
-        if required is not None and not role_allows(record.role, required):
+        required = METHOD_ROLES.get(method, "admin")
+        if not role_allows(record.role, required):
             raise PermissionDenied(
                 f"{method} needs a key with role {required!r} or above; key {record.key_id} has role {record.role!r}"
             )
@@ -221,9 +222,8 @@ class Authenticator:
             await asyncio.sleep(delay)
 
     async def check(self, method: str, metadata) -> Optional[ApiKeyRecord]:
-        """Authenticate, authorize and meter one unary call; None when auth is disabled or the
-        RPC is open (health, reflection)."""
-        if not self.settings.enabled or method not in METHOD_ROLES:
+        """Authenticate, authorize and meter one unary call; None when auth is disabled."""
+        if not self.settings.enabled:
             return None
         record = await self.authenticate(metadata)
         self.authorize(record, method)

@@ -87,7 +87,8 @@ def test_authenticate_authorize_and_revoke(store):
 
     assert asyncio.run(auth.check("Recommend", _meta(read_secret))).key_id == read_record.key_id
     assert asyncio.run(auth.check("DeleteUser", _meta(admin_secret))).role == "admin"
-    assert asyncio.run(auth.check("Check", [])) is None  # open RPCs need no key
+    with pytest.raises(PermissionDenied, match="role 'admin'"):  # an RPC missing from the table: admin only
+        asyncio.run(auth.check("SomeNewRpc", _meta(read_secret)))
     with pytest.raises(PermissionDenied, match="DeleteUser needs a key with role 'admin'"):
         asyncio.run(auth.check("DeleteUser", _meta(read_secret)))
     with pytest.raises(PermissionDenied, match="role 'write'"):
