@@ -48,16 +48,9 @@ def ray_session():
 def create_key(config: ServiceConfig, role: str = "admin", name: str = "integration tests") -> str:
     """A new API key of `role` written straight into the service's store (what `tastemaker keys
     create` does); returns the secret."""
-    from tastemaker.auth import new_key
-    from tastemaker.store import open_store
+    from tastemaker.auth import create_key_in_store
 
-    secret, record = new_key(role, name)
-    store = open_store(config.store_url())
-    try:
-        store.create_api_key(record)
-    finally:
-        store.close()
-    return secret
+    return create_key_in_store(config.store_url(), role, name)
 
 
 class RunningService:
