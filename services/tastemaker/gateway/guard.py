@@ -13,7 +13,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from google.protobuf.message import Message
 
-from tastemaker.auth import AuthSettings, Authenticator
+from tastemaker.auth import Authenticator
 from tastemaker.config import AuthConfig, GatewayConfig, PrivacyConfig
 from tastemaker.privacy import Pseudonymizer
 
