@@ -88,10 +88,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_api_key(config: "ServiceConfig", data_dir: Path) -> Optional[str]:
     """The key `tastemaker serve` loads the demo with. On the first start of a store without
     keys it creates an admin key, writes it to <data_dir>/admin.key (0600, where the CLI looks)
-    and prints it once; later starts reuse the file (or TASTEMAKER_API_KEY)."""
+    and prints it once; later starts reuse the file (or TASTEMAKER_API_KEY). First of all it
+    refuses a store whose user ids were written under another pseudonym setting."""
     from tastemaker.auth import ADMIN_KEY_FILE, ensure_admin_key
+    from tastemaker.privacy import Pseudonymizer, check_store_key
     from tastemaker.store import open_store
 
+    key = config.privacy.user_id_key
+    store = open_store(config.store_url())
+    try:  # before starting anything: a store written under another pseudonym setting is refused
+        check_store_key(store, Pseudonymizer(key.get_secret_value()) if key is not None else None)
+    finally:
+        store.close()
     if not config.auth.enabled:
         return None
     if config.auth.create_admin_key:
@@ -271,26 +279,19 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def fit_artifact(config: ServiceConfig, show_progress: bool = True) -> str:
     """Fit the collaborative/sequential models and the matrix factors from the event log and
-    publish them to the store; returns a one-line summary."""
+    publish them to the store (`tastemaker.startup.publish_fit`, which the application also runs
+    at start when no fit exists); returns a one-line summary."""
     from tqdm import tqdm
 
-    from tastemaker.retrieval.collaborative import GRAPH_ARTIFACT, fit_graph, graph_params
+    from tastemaker.startup import publish_fit
     from tastemaker.store import open_store
 
     store = open_store(config.store_url())
     try:
         with tqdm(desc="fitting from the event log", unit="event", disable=not show_progress) as bar:
-            graph, seq = fit_graph(store, graph_params(config.retrieval), config.profiles.weights, progress=bar)
-        blob = graph.to_bytes()
-        store.save_artifact(GRAPH_ARTIFACT, seq, blob)
+            return publish_fit(store, config.retrieval, config.profiles.weights, progress=bar)
     finally:
         store.close()
-    factors = f"{len(graph.factors.item_ids)} items x {graph.factors.dim} factors" if graph.factors else "no matrix factors"
-    return (
-        f"fitted {GRAPH_ARTIFACT} on {graph.events_seen} events (log seq {seq}): "
-        f"{sum(len(r) for r in graph.next_counts.values())} transitions, "
-        f"{sum(len(r) for r in graph.co_counts.values())} co-occurrence pairs, {factors}, {len(blob) / 1e6:.1f} MB"
-    )
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

@@ -46,3 +46,45 @@ class Pseudonymizer:
         """The pseudonym of one user id."""
         digest = hmac.new(self._key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
         return PSEUDONYM_PREFIX + digest
+
+
+#: Store meta key recording which pseudonym key (if any) the stored user ids were written with.
+KEY_CHECK_META = "privacy_user_id_key_check"
+_KEY_CHECK_MESSAGE = b"tastemaker user_id_key check"
+
+
+def key_check(pseudonymizer: "Pseudonymizer | None") -> str:
+    """What the store records about the pseudonym key: `off`, or a 64-bit keyed check value
+    (HMAC of a fixed text) that tells two keys apart without revealing either."""
+    if pseudonymizer is None:
+        return "off"
+    digest = hmac.new(pseudonymizer._key, _KEY_CHECK_MESSAGE, hashlib.sha256).hexdigest()
+    return "hmac-sha256:" + digest[:16]
+
+
+def check_store_key(store, pseudonymizer: "Pseudonymizer | None") -> None:
+    """Refuse to serve a store whose user ids were written under another pseudonym setting:
+    starting without the key, or with another one, would silently split every user from their
+    history. The first start records the setting; it may change while the store holds no event.
+    Raises FailedPrecondition."""
+    from tastemaker.errors import FailedPrecondition
+
+    current = key_check(pseudonymizer)
+    if store.compare_and_set_meta(KEY_CHECK_META, None, current):
+        return
+    recorded = store.get_meta(KEY_CHECK_META)
+    if recorded == current:
+        return
+    if not store.events_after(0, limit=1):  # no user data yet: the setting may still change
+        store.set_meta(KEY_CHECK_META, current)
+        return
+    if recorded == "off":
+        why = "were stored as sent (no privacy.user_id_key), but a key is configured now"
+    elif current == "off":
+        why = "are pseudonyms made with privacy.user_id_key, but none is configured now"
+    else:
+        why = "are pseudonyms made with another privacy.user_id_key than the configured one"
+    raise FailedPrecondition(
+        f"the store's user ids {why}: starting would split every user from their history; start with "
+        "the same setting as before (TASTEMAKER_USER_ID_KEY)"
+    )

@@ -258,3 +258,20 @@ def test_guard_without_privacy_leaves_requests_alone_and_checks_roles(store):
         asyncio.run(guard.admit("DeleteUser", pb.DeleteUserRequest(user_id="alice"), _Context(_meta(secret))))
     with pytest.raises(Unauthenticated):
         asyncio.run(guard.admit("Recommend", request, None))  # no context, no metadata
+
+
+def test_the_store_remembers_the_pseudonym_setting(store):
+    from tastemaker.domain import EventType, UserEvent
+    from tastemaker.errors import FailedPrecondition
+    from tastemaker.privacy import check_store_key, key_check
+
+    one, other = Pseudonymizer("o" * 32), Pseudonymizer("t" * 32)
+    check_store_key(store, None)  # first start: recorded
+    check_store_key(store, one)  # no event yet: the setting may still change
+    assert "o" * 32 not in key_check(one) and key_check(one) != key_check(other)
+    store.append_events(0, [UserEvent(event_id="e", user_id=one.pseudonym("u"), event_type=EventType.VIEW, item_id="i", event_time=1.0)])
+    check_store_key(store, one)
+    with pytest.raises(FailedPrecondition, match="another privacy.user_id_key"):
+        check_store_key(store, other)
+    with pytest.raises(FailedPrecondition, match="none is configured now"):
+        check_store_key(store, None)

@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from tastemaker.auth import Authenticator
 from tastemaker.config import AuthConfig, GatewayConfig, PrivacyConfig
-from tastemaker.privacy import Pseudonymizer
+from tastemaker.privacy import Pseudonymizer, check_store_key
 
 #: RPCs whose request has a top-level `user_id`.
 _USER_ID_REQUESTS = ("Recommend", "GetUserProfile", "DeleteUser")
@@ -32,6 +32,7 @@ class EdgeGuard:
         self.authenticator = Authenticator(auth.settings(), store.find_api_key)
         key = privacy.user_id_key.get_secret_value() if privacy.user_id_key is not None else None
         self.pseudonymizer: Optional[Pseudonymizer] = Pseudonymizer(key) if key else None
+        check_store_key(store, self.pseudonymizer)  # never mix raw ids and pseudonyms in one store
         self.max_id_chars = gateway.max_id_chars
 
     @staticmethod
