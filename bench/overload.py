@@ -15,9 +15,10 @@ public API, then
    the admitted requests against the unloaded p99 (goal ≤ 3×), any other status (goal: none), and
    the **recovery time**: from the moment the load stops until `--recovery-probes` consecutive
    sequential calls succeed within 3× the unloaded p99;
-4. with `--limits 2,8`: the highest multiple again with other admission bounds
-   (`gateway.max_in_flight_per_rpc`), to size the default;
-5. unless `--no-unbounded`: the same 4× load against the same service redeployed with the old
+4. with `--limits 2,8`: the same offered load at the highest multiple again with other admission
+   bounds (`gateway.max_in_flight_per_rpc`), to size the default;
+5. unless `--no-unbounded`: the same offered 4× load (4× the capacity of step 2) against the same
+   service redeployed with the old
    unbounded limits (admission off, 256 ongoing requests and Serve queues of 2,000), the same-run
    baseline of what shedding changes.
 
@@ -245,7 +246,10 @@ def _api_key(config) -> Optional[str]:
     return secret
 
 
-async def _measure(args, target, metadata, users, clients, multiples, label) -> dict:
+async def _measure(args, target, metadata, users, clients, multiples, label, rate_base: Optional[float] = None) -> dict:
+    """Unloaded latency, capacity, then the loads at `multiples` of `rate_base` (None = of the
+    capacity just measured; the comparison phases pass the first phase's, so that every phase
+    gets the same offered load)."""
     caller = Caller(target, metadata, args.channels, users, args.seed)
     try:
         unloaded = await sequential(caller, args.requests, args.warmup)
@@ -253,12 +257,14 @@ async def _measure(args, target, metadata, users, clients, multiples, label) -> 
         capacity = await closed_loop(caller, clients, args.duration)
         progress(f"{label}: unloaded p50 {np.percentile(unloaded, 50) * 1000:.1f} ms, p99 {unloaded_p99 * 1000:.1f} ms; "
                  f"capacity {capacity:.1f}/s with {clients} closed-loop clients")
+        if rate_base is None:
+            rate_base = capacity
         loads = {}
         for k in multiples:
-            load = await open_loop(caller, k * capacity, args.duration, args.recovery_probes, P99_GOAL * unloaded_p99)
+            load = await open_loop(caller, k * rate_base, args.duration, args.recovery_probes, P99_GOAL * unloaded_p99)
             loads[k] = load
             progress(
-                f"{label}: {k:g}x ({k * capacity:.1f}/s offered): {len(load.ok_s)} OK, {len(load.refused_s)} refused "
+                f"{label}: {k:g}x ({k * rate_base:.1f}/s offered): {len(load.ok_s)} OK, {len(load.refused_s)} refused "
                 f"({load.refused_share:.0%}), other {load.other}; admitted p99 {load.p(load.ok_s, 99):.1f} ms, refused p50 "
                 f"{load.p(load.refused_s, 50):.1f} ms; recovered in {load.recovery_s:.2f} s"
             )
@@ -323,7 +329,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             deploy(config)
             wait_serving(target)
             sizing[limit] = [
-                asyncio.run(_measure(args, target, metadata, users, clients, [max(multiples)], f"run {run + 1} limit {limit}"))
+                asyncio.run(
+                    _measure(args, target, metadata, users, clients, [max(multiples)], f"run {run + 1} limit {limit}",
+                             rate_base=runs[run]["capacity"])
+                )
                 for run in range(args.runs)
             ]
         if not args.no_unbounded:
@@ -334,7 +343,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             wait_serving(target)
             top = [max(multiples)]
             for run in range(args.runs):
-                baseline_runs.append(asyncio.run(_measure(args, target, metadata, users, clients, top, f"run {run + 1} unbounded")))
+                baseline_runs.append(
+                    asyncio.run(
+                        _measure(args, target, metadata, users, clients, top, f"run {run + 1} unbounded",
+                                 rate_base=runs[run]["capacity"])
+                    )
+                )
     finally:
         load_after = round(os.getloadavg()[0], 2)
         progress("stopping the service")
