@@ -100,7 +100,7 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        """postgresql://user:password@127.0.0.1:port/database (the default database)."""
+        """postgresql://user:password@host:port/database (the default database; host = listen_host)."""
         return self.url_for(self.database)
 
     @property
@@ -153,11 +153,16 @@ def _run(bin_dir: Path, as_user: Optional[str], argv: list[str], check: bool = T
     return done
 
 
-def start_postgres(start_timeout_s: int = 60, attempts: int = 3) -> PostgresServer:
+def start_postgres(
+    start_timeout_s: int = 60, attempts: int = 3, listen_host: str = "127.0.0.1", client_cidr: Optional[str] = None
+) -> PostgresServer:
     """Start a fresh PostgreSQL server on a free 127.0.0.1 port in a new temp dir.
 
-    Retries on another port when the chosen one was taken between picking and binding. The server
-    is also stopped at interpreter exit if the caller forgets."""
+    `listen_host` (an address of this machine, e.g. a veth end that other network namespaces
+    reach) is listened on too and named in `url`; `client_cidr` admits password logins from that
+    network (by default only loopback). Retries on another port when the chosen one was taken
+    between picking and binding. The server is also stopped at interpreter exit if the caller
+    forgets."""
     bin_dir = find_bin_dir()
     as_user = None
     if os.geteuid() == 0:
@@ -177,11 +182,15 @@ def start_postgres(start_timeout_s: int = 60, attempts: int = 3) -> PostgresServ
              "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-sync"],
             cwd=base_dir,
         )
+        if client_cidr is not None:
+            with open(base_dir / "data" / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {client_cidr} scram-sha-256\n")
+        listen = "127.0.0.1" if listen_host == "127.0.0.1" else f"127.0.0.1,{listen_host}"
         last_error: Optional[Exception] = None
         for _ in range(attempts):
             port = _free_port()
             options = (
-                f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={base_dir} "
+                f"-p {port} -c listen_addresses={listen} -c unix_socket_directories={base_dir} "
                 "-c max_connections=200"
             )
             started = _run(
@@ -199,7 +208,7 @@ def start_postgres(start_timeout_s: int = 60, attempts: int = 3) -> PostgresServ
         else:
             raise last_error or PostgresUnavailable("pg_ctl start failed")
         server = PostgresServer(
-            host="127.0.0.1", port=port, user=ROLE, password=password, database=DATABASE, base_dir=base_dir,
+            host=listen_host, port=port, user=ROLE, password=password, database=DATABASE, base_dir=base_dir,
             _bin_dir=bin_dir, _as_user=as_user,
         )
     except BaseException:

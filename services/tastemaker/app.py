@@ -2,7 +2,10 @@
 
 `build_app` is the only place where deployments are wired together; each one receives only its
 slice of the config. `start_service` / `stop_service` are what `tastemaker serve` and the
-integration tests use.
+integration tests use; `app_builder` is what `serve deploy cluster/serve-config.yaml` and KubeRay
+use. Both deploy the same application, and everything done at start (schema set-up, re-encoding
+after an encoder model change, publishing a missing fit) is done by the application itself
+(`tastemaker.startup`, run by the gateway), so the two paths give the same service.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import grpc
 
 from tastemaker.config import ServiceConfig, load_config
 from tastemaker.errors import Unavailable
+from tastemaker.store import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +34,12 @@ def build_app(config: ServiceConfig):
     """The Serve application graph: Gateway(ingress) → Encoder, Retrieval (+ profile shard actors)."""
     from tastemaker.encoder.deployment import EncoderDeployment
     from tastemaker.gateway.deployment import GatewayDeployment, GatewaySettings
+    from tastemaker.cluster import refuse_sqlite_on_cluster
     from tastemaker.retrieval.deployment import RetrievalDeployment
 
     store_url = config.store_url()
+    # Here, not in a CLI: `serve deploy` and KubeRay run this builder on the cluster too.
+    refuse_sqlite_on_cluster(store_url)
     enc = config.encoder
     from tastemaker.encoder.base import require_backend_package
     from tastemaker.encoder.deployment import deployment_options
@@ -53,12 +60,13 @@ def build_app(config: ServiceConfig):
         max_queued_requests=config.gateway.internal_max_queued_requests,
         ray_actor_options={"num_cpus": ret.num_cpus},
         logging_config={"enable_access_log": False},
-    ).bind(ret, store_url, config.profiles.weights)
+    ).bind(ret, store_url, config.profiles.weights, config.server.namespace)
     gw = config.gateway
     settings = GatewaySettings(
         gateway=gw,
         profiles=config.profiles,
         store_url=store_url,
+        retrieval=config.retrieval,
         app_name=config.server.app_name,
         namespace=config.server.namespace,
         auth=config.auth,
@@ -110,92 +118,59 @@ def deploy(config: ServiceConfig) -> None:
 
 
 def start_service(config: ServiceConfig, show_progress: bool = False) -> None:
-    """Ray + Serve + the application; re-encode the stored vectors if the encoder model changed;
-    then wait until health says SERVING."""
+    """Ray + Serve + the application, then wait until health says SERVING: the application runs
+    its own start-up steps (`tastemaker.startup`: re-encoding after an encoder model change,
+    a fit when none is published), exactly as under `serve deploy`. `show_progress` is kept for
+    callers; the steps report in the gateway's log."""
+    del show_progress
     start_ray_and_serve(config)
-    # Marked before deploying, so health is never SERVING with the old model's vectors.
-    mark_encoder_swap(config)
     deploy(config)
-    swap_encoder_if_changed(config, show_progress=show_progress)
     wait_serving(f"{config.server.host}:{config.server.grpc_port}")
 
 
 def mark_encoder_swap(config: ServiceConfig) -> bool:
-    """Record in the store that its vectors must be re-encoded (the configured encoder model is
-    not the one that made them); the profile shards then report unavailable to health until
-    `swap_encoder_if_changed` has finished. Returns whether a swap is pending."""
-    from tastemaker.reencode import count_text_events, encoder_identity, same_vectors
-    from tastemaker.store import open_store
-    from tastemaker.store.base import ENCODER_IDENTITY_KEY, ENCODER_SWAP_PENDING_KEY
+    """`tastemaker.startup.mark_encoder_swap` on the configured store and encoder model: records
+    that the stored vectors must be re-encoded; returns whether a swap is pending."""
+    from tastemaker.reencode import encoder_identity
+    from tastemaker.startup import mark_encoder_swap as mark
 
-    identity = encoder_identity(config.encoder)
     store = open_store(config.store_url())
     try:
-        if store.get_meta(ENCODER_SWAP_PENDING_KEY) is not None:
-            return True
-        if same_vectors(store.get_meta(ENCODER_IDENTITY_KEY), identity):
-            return False
-        if store.count_items() == 0 and count_text_events(store) == 0:
-            store.set_meta(ENCODER_IDENTITY_KEY, identity)  # nothing encoded yet: just remember the model
-            return False
-        store.set_meta(ENCODER_SWAP_PENDING_KEY, identity)
-        return True
+        return mark(store, encoder_identity(config.encoder))
     finally:
         store.close()
 
 
-def swap_encoder_if_changed(config: ServiceConfig, show_progress: bool = False, batch_size: int = 256) -> dict:
-    """If the stored vectors were made by another encoder model than the configured one:
-    re-encode every item and review/search text through the running encoder pool (new item
-    vectors reach the retrieval replicas through the change feed), rebuild every profile shard
-    from the event log, and record the new model's identity. Health stays NOT_SERVING meanwhile
-    (the shards report unavailable while the store marks the swap pending); an interrupted swap
-    is redone at the next start. Returns what was done."""
+def swap_encoder_if_changed(config: ServiceConfig, batch_size: int = 256) -> dict:
+    """The encoder swap of the start-up steps, run from a driver against the running application
+    (its encoder pool and profile shards): re-encode if the stored vectors were made by another
+    model than the configured one. The application does this by itself at start; this is for
+    operators and tests. Returns what was done."""
     import ray
     from ray import serve
-    from tqdm import tqdm
 
     from tastemaker.profiles.actor import shard_actor_name
-    from tastemaker.reencode import count_text_events, encoder_identity, reencode_event_texts, reencode_items
-    from tastemaker.store import open_store
-    from tastemaker.store.base import ENCODER_IDENTITY_KEY, ENCODER_SWAP_PENDING_KEY
+    from tastemaker.reencode import encoder_identity
+    from tastemaker.startup import mark_encoder_swap as mark
+    from tastemaker.startup import swap_encoder
 
-    if not mark_encoder_swap(config):
-        return {"swapped": False}
     identity = encoder_identity(config.encoder)
-    store = open_store(config.store_url())
-    try:
-        recorded = store.get_meta(ENCODER_IDENTITY_KEY)
-        logger.warning("the encoder model changed (%s -> %s): re-encoding the catalog and rebuilding profiles", recorded, identity)
-        encoder = serve.get_deployment_handle("Encoder", app_name=config.server.app_name)
 
-        def submit(texts: list[str]):
-            response = encoder.encode.remote(texts)
-            return response.result
+    def submit(texts: list[str]):
+        return serve.get_deployment_handle("Encoder", app_name=config.server.app_name).encode.remote(texts).result
 
-        started = time.monotonic()
-        with tqdm(total=store.count_items(), desc="re-encoding items (new encoder)", unit="item", disable=not show_progress) as bar:
-            items = reencode_items(store, submit, batch_size=batch_size, progress=bar.update)
-        with tqdm(total=count_text_events(store), desc="re-encoding review/search texts", unit="text", disable=not show_progress) as bar:
-            texts = reencode_event_texts(store, submit, batch_size=batch_size, progress=bar.update)
+    def rebuild() -> int:
         shards = [
             ray.get_actor(shard_actor_name(config.server.app_name, shard), namespace=config.server.namespace)
             for shard in range(config.profiles.num_shards)
         ]
-        replayed = sum(ray.get([actor.rebuild.remote() for actor in shards]))
-        store.set_meta(ENCODER_IDENTITY_KEY, identity)
-        store.set_meta(ENCODER_SWAP_PENDING_KEY, None)
-        done = {
-            "swapped": True,
-            "previous": recorded,
-            "identity": identity,
-            **items,
-            "texts": texts,
-            "events_replayed": replayed,
-            "seconds": round(time.monotonic() - started, 1),
-        }
-        logger.warning("encoder swap done: %s", done)
-        return done
+        return sum(ray.get([actor.rebuild.remote() for actor in shards]))
+
+    store = open_store(config.store_url())
+    try:
+        if not mark(store, identity):  # nothing to do: the application need not be running
+            return {"swapped": False}
+        return swap_encoder(store, identity, submit, rebuild, batch_size=batch_size)
     finally:
         store.close()
 
@@ -225,6 +200,7 @@ def stop_service(config: ServiceConfig, shutdown_ray: bool = True) -> None:
     import ray
     from ray import serve
 
+    from tastemaker.cluster import kill_registry
     from tastemaker.profiles.actor import kill_shards
 
     if not ray.is_initialized():
@@ -233,6 +209,7 @@ def stop_service(config: ServiceConfig, shutdown_ray: bool = True) -> None:
         serve.delete(config.server.app_name)
     finally:
         kill_shards(config.server.app_name, config.server.namespace, config.profiles.num_shards)
+        kill_registry(config.server.app_name, config.server.namespace)
     if shutdown_ray:
         serve.shutdown()
         ray.shutdown()

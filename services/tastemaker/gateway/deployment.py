@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray import serve
 
-from tastemaker.config import AuthConfig, GatewayConfig, PrivacyConfig, ProfileConfig
+from tastemaker.config import AuthConfig, GatewayConfig, PrivacyConfig, ProfileConfig, RetrievalConfig
 from tastemaker.domain import TEXT_EVENT_TYPES, EventAck, EventType, ProfileView, UserProfileSummary
 from tastemaker.errors import FailedPrecondition, InvalidArgument, NotFound
 from tastemaker.gateway import convert
@@ -45,6 +45,8 @@ class GatewaySettings:
     store_url: str
     app_name: str
     namespace: str
+    #: Graph parameters for the fit the start-up publishes when none exists (`tastemaker.startup`).
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
@@ -103,6 +105,7 @@ class GatewayDeployment:
         self.guard = EdgeGuard(settings.auth, settings.privacy, self.store, self.config)
         self.shards = ShardRouter(settings.app_name, settings.namespace, settings.store_url, settings.profiles)
         self.shards.wait_ready()
+        self._start_up()
         self._anchors = None  # praise/complaint vectors, encoded on first use
         self._encoder_model: Optional[tuple[int, str]] = None  # (dimension, model identity), asked on first use
 
@@ -333,20 +336,57 @@ class GatewayDeployment:
         deleted = await self.shards.call(user_id, "delete_user", user_id)
         return pb.DeleteUserResponse(deleted_event_count=deleted)
 
-    # -- health ---------------------------------------------------------------------------
+    # -- start-up and health ------------------------------------------------------------------
+    def _start_up(self) -> None:
+        """Run the start-up steps (`tastemaker.startup`: re-encoding after an encoder model change,
+        a missing fit) in the background, once across replicas; report the store this replica
+        opened (`tastemaker.cluster`). Health is NOT_SERVING until the steps are done."""
+        import ray
+
+        from tastemaker.cluster import SplitMonitor, StoreReporter
+        from tastemaker.startup import ServiceStartup, StartupSteps
+
+        def submit(texts: list[str]):
+            return self.encoder.encode.remote(texts).result
+
+        def rebuild_profiles() -> int:
+            return sum(ray.get([actor.rebuild.remote() for actor in self.shards.actors]))
+
+        steps = StartupSteps(
+            encoder_identity=lambda: str(self.encoder.model_identity.remote().result()),
+            encode_async=submit,
+            rebuild_profiles=rebuild_profiles,
+            retrieval=self.settings.retrieval,
+            weights=self.settings.profiles.weights,
+        )
+        self.startup = ServiceStartup(self.store, steps).start()
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.store_reporter = StoreReporter(
+            self.settings.app_name, self.settings.namespace, f"gateway/{replica}", self.store.instance_id()
+        )
+        self.split_monitor = SplitMonitor()
+        self._reporting = asyncio.get_event_loop().create_task(self.store_reporter.run_forever())
+
     async def _serving(self) -> bool:
+        """SERVING: start-up done, every part answers, and every part opened the same store."""
+        from tastemaker.cluster import shard_reports
+
+        if not self.startup.done:
+            return False
         try:
-            await asyncio.wait_for(
+            _, _, shard_states, reports = await asyncio.wait_for(
                 asyncio.gather(
                     self.encoder.dimension.remote(),
                     self.retrieval.ready.remote(),
                     self.shards.call_all("ready"),
+                    self.store_reporter.fresh(),
                 ),
                 timeout=5.0,
             )
-            return True
         except Exception:  # noqa: BLE001 - any failing part means NOT_SERVING
             return False
+        reports[self.store_reporter.component] = (self.store_reporter.instance_id, self.store_reporter.node_id)
+        return self.split_monitor.check({**reports, **shard_reports(shard_states)})
 
     async def Check(self, request, grpc_context=None):
         """grpc.health.v1.Health/Check: SERVING once encoder, retrieval and shards answer."""
