@@ -422,6 +422,7 @@ def _figures(runs: list[dict], baseline_runs: list[dict], multiples: list[float]
             figure(f"refused_share_at_{tag}", _median(load.refused_share for load in loads), "fraction"),
             figure(f"refused_p50_ms_at_{tag}", _median(load.p(load.refused_s, 50) for load in loads), "ms"),
             figure(f"other_errors_at_{tag}", _median(sum(load.other.values()) for load in loads), "calls"),
+            figure(f"admitted_p50_ms_at_{tag}", _median(load.p(load.ok_s, 50) for load in loads), "ms"),
             # ratio = unloaded / admitted p99: ≥ 1/3 meets the goal (admitted p99 ≤ 3x unloaded).
             figure(
                 f"admitted_p99_ms_at_{tag}", admitted_p99, "ms", baseline="unloaded_p99_ms",
