@@ -810,9 +810,9 @@ class TestFeedsWithConcurrentWriters:
 
 
 def test_naive_sequence_loses_the_late_committer(postgres_server):
-    """The race of `TestFeedsWithConcurrentWriters` against a PostgresStore whose seqs are taken
-    like `nextval()` (committed at once, outside the writing transaction): the follower loses
-    writer A's event. Proves the race test can fail, i.e. that it tests something."""
+    """The race of `TestFeedsWithConcurrentWriters` against a PostgresStore whose item seqs are
+    taken like `nextval()` (committed at once, outside the writing transaction): the follower
+    loses writer A's item. Proves the race test can fail, i.e. that it tests something."""
     import uuid
 
     from tastemaker.store.postgres import PostgresStore
@@ -828,9 +828,9 @@ def test_naive_sequence_loses_the_late_committer(postgres_server):
     url = postgres_server.create_schema(f"naive_{uuid.uuid4().hex[:12]}")
     stores = [NaiveSequenceStore(url) for _ in range(3)]
     try:
-        seen = _late_committer_race(*stores, _write_event, _read_events)
+        seen = _late_committer_race(*stores, _write_item, _read_items)
         assert seen == ["u2"]  # u1 committed later with the smaller seq: skipped for good
-        assert sorted(s.event.user_id for s in stores[2].events_after(0)) == ["u1", "u2"]
+        assert sorted(c.item_id for c in stores[2].item_changes(0)) == ["u1", "u2"]
     finally:
         for store in stores:
             store.close()

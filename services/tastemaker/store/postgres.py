@@ -55,6 +55,9 @@ _SHARDS_LOCK = 0x7461_7374_656D_0002
 #: The feeds whose seqs come from `counters` (see the module docstring).
 _FEEDS = ("items", "events", "erasures")
 
+#: Reserves `count` seqs of `feed` (named parameters): returns `base`, the seqs are base+1..base+count.
+_RESERVE_SQL = "UPDATE counters SET value = value + %(count)s WHERE name = %(feed)s RETURNING value - %(count)s AS base"
+
 #: Schema migrations: version -> statements. Append new versions; never edit an applied one.
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -227,9 +230,8 @@ class PostgresStore:
     def _reserve_seqs(self, cur: psycopg.Cursor, feed: str, count: int) -> int:
         """Reserve `count` consecutive seqs of a feed; returns the first. The counter row stays
         locked until this transaction ends, which is what makes seq order commit order."""
-        cur.execute("UPDATE counters SET value = value + %s WHERE name = %s RETURNING value", (count, feed))
-        (last,) = cur.fetchone()
-        return last - count + 1
+        (base,) = cur.execute(_RESERVE_SQL, {"feed": feed, "count": count}).fetchone()
+        return base + 1
 
     # -- schema ---------------------------------------------------------------------------
     def _migrate(self, conn: psycopg.Connection) -> None:
@@ -364,41 +366,59 @@ class PostgresStore:
         for i, event in enumerate(events):
             first_index.setdefault((event.user_id, event.event_id), i)
         unique = sorted(first_index.values())
-        with self._write() as cur:
-            first = self._reserve_seqs(cur, "events", len(unique))
-            seq_of = {i: first + n for n, i in enumerate(unique)}
-            columns = list(
-                zip(
-                    *[
-                        (
-                            seq_of[i],
-                            events[i].user_id,
-                            events[i].event_id,
-                            shard,
-                            int(events[i].event_type),
-                            events[i].item_id,
-                            float(events[i].value),
-                            events[i].text,
-                            float(events[i].event_time),
-                            events[i].attribution_token,
-                            _vector_bytes(events[i].text_vector),
-                            float(events[i].sentiment),
-                        )
-                        for i in unique
-                    ]
-                )
+        columns = list(
+            zip(
+                *[
+                    (
+                        events[i].user_id,
+                        events[i].event_id,
+                        shard,
+                        int(events[i].event_type),
+                        events[i].item_id,
+                        float(events[i].value),
+                        events[i].text,
+                        float(events[i].event_time),
+                        events[i].attribution_token,
+                        _vector_bytes(events[i].text_vector),
+                        float(events[i].sentiment),
+                    )
+                    for i in unique
+                ]
             )
+        )
+        with self._write() as cur:
+            # One statement reserves the seqs (the counter row stays locked until COMMIT, as in
+            # _reserve_seqs) and inserts: one round trip fewer on the hottest write path.
             cur.execute(
+                f"WITH reserved AS ({_RESERVE_SQL}) "
                 "INSERT INTO events(seq, user_id, event_id, shard, event_type, item_id, value, text, event_time, "
                 "attribution_token, text_vector, sentiment) "
-                "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[], "
-                "%s::float8[], %s::text[], %s::float8[], %s::text[], %s::bytea[], %s::float8[]) "
-                "ON CONFLICT (user_id, event_id) DO NOTHING RETURNING seq",
-                [list(column) for column in columns],
+                "SELECT reserved.base + u.n, u.user_id, u.event_id, u.shard, u.event_type, u.item_id, u.value, "
+                "u.text, u.event_time, u.attribution_token, u.text_vector, u.sentiment "
+                "FROM reserved, unnest(%(user_id)s::text[], %(event_id)s::text[], %(shard)s::int[], "
+                "%(event_type)s::int[], %(item_id)s::text[], %(value)s::float8[], %(text)s::text[], "
+                "%(event_time)s::float8[], %(token)s::text[], %(text_vector)s::bytea[], %(sentiment)s::float8[]) "
+                "WITH ORDINALITY AS u(user_id, event_id, shard, event_type, item_id, value, text, event_time, "
+                "attribution_token, text_vector, sentiment, n) "
+                "ON CONFLICT (user_id, event_id) DO NOTHING RETURNING seq, user_id, event_id",
+                {
+                    "feed": "events",
+                    "count": len(unique),
+                    **dict(
+                        zip(
+                            ("user_id", "event_id", "shard", "event_type", "item_id", "value", "text",
+                             "event_time", "token", "text_vector", "sentiment"),
+                            [list(column) for column in columns],
+                        )
+                    ),
+                },
             )
-            stored = {row[0] for row in cur.fetchall()}
+            stored = {(user_id, event_id): seq for seq, user_id, event_id in cur.fetchall()}
         # A duplicate's reserved seq is left unused: a gap, which followers of the feed skip.
-        return [seq_of[i] if seq_of.get(i) in stored else None for i in range(len(events))]
+        out: list[Optional[int]] = [None] * len(events)
+        for i in unique:
+            out[i] = stored.get((events[i].user_id, events[i].event_id))
+        return out
 
     def events_after(self, after_seq: int, limit: int = 10_000) -> list[StoredEvent]:
         with self._read() as cur:
