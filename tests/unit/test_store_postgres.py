@@ -183,3 +183,29 @@ def test_postgres_scheme_alias_opens_the_same_store(postgres_server):
     finally:
         first.close()
         second.close()
+
+
+def test_an_older_schema_is_migrated_at_start_keeping_its_data(postgres_server, monkeypatch):
+    """A database made by the previous version (schema 1) gets the later migrations at the next
+    start, and its data stays."""
+    from tastemaker.domain import Item
+    from tastemaker.store import postgres
+
+    assert postgres.SCHEMA_VERSION >= 2
+    url = _fresh_url(postgres_server)
+    with monkeypatch.context() as patch:
+        patch.setattr(postgres, "_MIGRATIONS", {1: postgres._MIGRATIONS[1]})
+        patch.setattr(postgres, "SCHEMA_VERSION", 1)
+        old = open_store(url, FAST)
+        old.upsert_items([Item(item_id="kept", title="Kept")])
+        assert old.schema_version() == 1
+        old.close()
+    new = open_store(url, FAST)
+    try:
+        assert new.schema_version() == postgres.SCHEMA_VERSION
+        assert new.get_item("kept").title == "Kept"
+        with new._read() as cur:
+            indexes = {name for (name,) in cur.execute("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'items'")}
+        assert "items_live_by_id_c" in indexes
+    finally:
+        new.close()

@@ -113,6 +113,9 @@ _MIGRATIONS: dict[int, list[str]] = {
             position BIGINT GENERATED ALWAYS AS IDENTITY
         )""",
     ],
+    # live_items pages in byte order (COLLATE "C", SQLite's order) whatever the database's locale:
+    # without this index every page would sort the whole catalog.
+    2: ['CREATE INDEX items_live_by_id_c ON items ((item_id COLLATE "C")) WHERE NOT deleted'],
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
