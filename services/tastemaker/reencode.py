@@ -2,8 +2,8 @@
 vectors, and re-encode every stored item and event text with the new one.
 
 The store records the identity of the model its vectors came from (`ENCODER_IDENTITY_KEY` in its
-meta table). At start-up (`app.start_service`) the configured model's identity is compared with
-it; when they differ, `reencode_store` rewrites every item vector (each a new entry of the item
+meta table). At start-up (`tastemaker.startup`, run by the gateway) the encoder's identity is compared
+with it; when they differ, every item vector is rewritten (each a new entry of the item
 change feed, so retrieval replicas pick it up) and every review/search text vector, through any
 `encode` function — the service passes the encoder pool's — and the profile shards then rebuild
 their profiles from the event log. The plain functions here need no Ray.
