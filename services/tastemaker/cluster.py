@@ -34,21 +34,27 @@ REPORT_INTERVAL_S = 2.0
 REPORT_MAX_AGE_S = 10.0
 
 
+def sqlite_refusal(store_url: str, alive_nodes: int) -> Optional[str]:
+    """Why a store cannot serve a cluster of `alive_nodes` nodes (a SQLite file on more than
+    one), or None. The message names no path and no password."""
+    if not store_url.startswith("sqlite:") or alive_nodes <= 1:
+        return None
+    return (
+        f"the store is a SQLite file, but this Ray cluster has {alive_nodes} nodes: every node would "
+        "open its own file and serve a part of the data. Use PostgreSQL on a cluster: set store.url "
+        "in the config file (or TASTEMAKER_STORE_URL) to postgresql://USER:PASSWORD@HOST:5432/DATABASE, "
+        "a server every node reaches (see cluster/README.md)"
+    )
+
+
 def refuse_sqlite_on_cluster(store_url: str) -> None:
     """Raise if the store is a SQLite file and the connected Ray cluster has more than one alive
     node (each node would open its own file). Does nothing outside a Ray cluster."""
-    if not store_url.startswith("sqlite:"):
+    if not store_url.startswith("sqlite:") or not ray.is_initialized():
         return
-    if not ray.is_initialized():
-        return
-    alive = [node for node in ray.nodes() if node.get("Alive")]
-    if len(alive) > 1:
-        raise FailedPrecondition(
-            f"the store is a SQLite file, but this Ray cluster has {len(alive)} nodes: every node would "
-            "open its own file and serve a part of the data. Use PostgreSQL on a cluster: set store.url "
-            "in the config file (or TASTEMAKER_STORE_URL) to postgresql://USER:PASSWORD@HOST:5432/DATABASE, "
-            "a server every node reaches (see cluster/README.md)"
-        )
+    refusal = sqlite_refusal(store_url, sum(1 for node in ray.nodes() if node.get("Alive")))
+    if refusal is not None:
+        raise FailedPrecondition(refusal)
 
 
 def describe_split(reports: Mapping[str, tuple[str, str]]) -> Optional[str]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-
-from tastemaker.cluster import SplitMonitor, describe_split, refuse_sqlite_on_cluster, shard_reports
+from tastemaker.cluster import SplitMonitor, describe_split, refuse_sqlite_on_cluster, shard_reports, sqlite_refusal
 
 SAME = {
     "gateway/a": ("id-1", "node-aaaaaaaaaa"),
@@ -49,25 +47,15 @@ def test_shard_reports_come_from_ready_answers():
     assert shard_reports(states) == {"shard/0": ("id-1", "n1"), "shard/1": ("id-2", "n2")}
 
 
-def test_sqlite_is_refused_on_a_two_node_cluster_and_postgres_is_not():
-    """A real two-node Ray cluster (ray.cluster_utils: two raylets on this machine)."""
-    import ray
-    from ray.cluster_utils import Cluster
+def test_sqlite_is_refused_on_more_than_one_node_and_postgres_is_not():
+    """(Through `serve deploy` on a real two-node cluster: tests/integration/test_multinode.py.)"""
+    assert sqlite_refusal("sqlite:////tmp/x.db", 1) is None
+    message = sqlite_refusal("sqlite:////tmp/x.db", 2)
+    assert message is not None
+    assert "2 nodes" in message and "PostgreSQL" in message and "TASTEMAKER_STORE_URL" in message
+    assert "/tmp/x.db" not in message
+    assert sqlite_refusal("postgresql://u:secret@db:5432/t", 5) is None
 
-    if ray.is_initialized():
-        pytest.skip("needs its own Ray cluster; this process is already connected to one")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        ray.init(address=cluster.address)
-        refuse_sqlite_on_cluster("sqlite:////tmp/x.db")  # one node: fine
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        with pytest.raises(Exception) as refused:
-            refuse_sqlite_on_cluster("sqlite:////tmp/x.db")
-        message = str(refused.value)
-        assert "2 nodes" in message and "PostgreSQL" in message and "TASTEMAKER_STORE_URL" in message
-        assert "/tmp/x.db" not in message
-        refuse_sqlite_on_cluster("postgresql://u:secret@db:5432/t")
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+
+def test_refusal_is_a_no_op_without_ray():
+    refuse_sqlite_on_cluster("sqlite:////tmp/x.db")  # not connected to a cluster: nothing to count
