@@ -140,7 +140,7 @@ def check(call):
 
 
 # -- every RPC's fields --------------------------------------------------------------------------------
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=300)
 @given(
     user_id=ids, page_size=int32, query=free_text, diversity=floats, min_version=int64,
     include_seen=st.booleans(), filter=attribute_filters(),
@@ -155,21 +155,21 @@ def test_recommend(stub, metadata, user_id, page_size, query, diversity, min_ver
         assert len(reply.items) <= (page_size or 10)
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=150)
 @given(item_id=st.one_of(st.sampled_from(["m1", "m4"]), ids), page_size=int32, filter=attribute_filters())
 def test_similar_items(stub, metadata, item_id, page_size, filter):
     request = pb.SimilarItemsRequest(item_id=item_id, page_size=page_size, filter=filter)
     check(lambda: stub.SimilarItems(request, timeout=60, metadata=metadata))
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=100)
 @given(item_id=ids, user_id=ids)
 def test_reads(stub, metadata, item_id, user_id):
     check(lambda: stub.GetItem(pb.GetItemRequest(item_id=item_id), timeout=60, metadata=metadata))
     check(lambda: stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user_id), timeout=60, metadata=metadata))
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=150)
 @given(batch=st.lists(events(), max_size=6))
 def test_write_user_events(stub, metadata, batch):
     reply = check(lambda: stub.WriteUserEvents(pb.WriteUserEventsRequest(events=batch), timeout=60, metadata=metadata))
@@ -180,7 +180,7 @@ def test_write_user_events(stub, metadata, batch):
             assert (ack.status == pb.EVENT_STATUS_REJECTED) == bool(ack.reason)
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=50)
 @given(messages=st.lists(st.lists(events(), max_size=4), min_size=1, max_size=4))
 def test_stream_user_events(stub, metadata, messages):
     requests = [pb.StreamUserEventsRequest(events=m) for m in messages]
@@ -193,7 +193,7 @@ def test_stream_user_events(stub, metadata, messages):
         assert [len(r.acks) for r in replies] == [len(m) for m in messages]
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=60)
 @given(batch=st.lists(items(), max_size=3), vector_model=st.text(_chars, max_size=20))
 def test_upsert_items(stub, metadata, batch, vector_model):
     for item in batch:  # the catalog the other checks rely on stays as it is
@@ -203,7 +203,7 @@ def test_upsert_items(stub, metadata, batch, vector_model):
     check(lambda: stub.UpsertItems(request, timeout=60, metadata=metadata))
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=60)
 @given(item_ids=st.lists(ids, max_size=4), user_id=ids)
 def test_deletes(stub, metadata, item_ids, user_id):
     keep = {i.item_id for i in MOVIE_ITEMS} | {"kid"}
@@ -218,7 +218,7 @@ def test_deletes(stub, metadata, item_ids, user_id):
 UNARY = ["UpsertItems", "DeleteItems", "GetItem", "WriteUserEvents", "Recommend", "SimilarItems", "GetUserProfile", "DeleteUser"]
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=400)
 @given(method=st.sampled_from(UNARY + ["health"]), raw=st.binary(max_size=200))
 def test_raw_bytes_unary(channel, metadata, method, raw):
     if method in ("DeleteItems", "DeleteUser"):
@@ -236,7 +236,7 @@ def test_raw_bytes_unary(channel, metadata, method, raw):
     check(lambda: channel.unary_unary(path)(raw, timeout=60, metadata=metadata))
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=50)
 @given(messages=st.lists(st.binary(max_size=120), min_size=1, max_size=4))
 def test_raw_bytes_stream(channel, metadata, messages):
     check(lambda: list(channel.stream_stream(SERVICE + "StreamUserEvents")(iter(messages), timeout=60, metadata=metadata)))
@@ -246,10 +246,20 @@ def test_raw_bytes_stream(channel, metadata, messages):
 def test_service_serving_and_correct_afterwards(service, channel, stub, metadata):
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    assert stub.GetItem(pb.GetItemRequest(item_id="m1"), timeout=60, metadata=metadata).item.title == "Toy Story (1995)"
-    # The user who rated Toy Story 5★ gets the other animated film first.
+    for item in MOVIE_ITEMS:  # the catalog is intact
+        assert stub.GetItem(pb.GetItemRequest(item_id=item.item_id), timeout=60, metadata=metadata).item.title == item.title
+    # Fuzzed events taught the service transitions and popularity among m1..m3, so ranks may have
+    # moved; what must hold is the behaviour: the one-event user's profile, exclude-seen, a full
+    # page; a new event is acknowledged, applied and read back.
     reply = stub.Recommend(pb.RecommendRequest(user_id="kid", page_size=3), timeout=60, metadata=metadata)
-    assert reply.items[0].item_id == "m2"
-    assert reply.profile_version >= 1
-    similar = stub.SimilarItems(pb.SimilarItemsRequest(item_id="m3", page_size=1), timeout=60, metadata=metadata)
-    assert similar.items[0].item_id == "m4"
+    assert reply.profile_version == 1
+    assert len(reply.items) == 3 and "m1" not in {i.item_id for i in reply.items}
+    event = pb.UserEvent(event_id="after", user_id="after-fuzz", event_type=pb.EVENT_TYPE_PURCHASE, item_id="m5")
+    (ack,) = stub.WriteUserEvents(pb.WriteUserEventsRequest(events=[event]), timeout=60, metadata=metadata).acks
+    assert (ack.status, ack.profile_version) == (pb.EVENT_STATUS_ACCEPTED, 1)
+    reply = stub.Recommend(
+        pb.RecommendRequest(user_id="after-fuzz", page_size=3, min_profile_version=1), timeout=60, metadata=metadata
+    )
+    assert reply.profile_version == 1 and len(reply.items) == 3 and "m5" not in {i.item_id for i in reply.items}
+    profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id="after-fuzz"), timeout=60, metadata=metadata)
+    assert [(c.event_type, c.count) for c in profile.event_counts] == [(pb.EVENT_TYPE_PURCHASE, 1)]
