@@ -209,3 +209,30 @@ def test_an_older_schema_is_migrated_at_start_keeping_its_data(postgres_server, 
         assert "items_live_by_id_c" in indexes
     finally:
         new.close()
+
+
+def test_serve_with_an_unreachable_store_fails_fast_without_the_password(tmp_path):
+    """`tastemaker serve` prints its banner with the URL redacted, then stops with a clear error
+    naming host:port before starting anything (no Ray is started: the store is opened first)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "TASTEMAKER_STORE_URL": f"postgresql://app:TOPSECRET@127.0.0.1:{port}/tm",
+        "TASTEMAKER_DATA_DIR": str(tmp_path / "data"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tastemaker.cli", "serve", "--no-demo", "--quiet"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert f"store postgresql://app:***@127.0.0.1:{port}/tm" in done.stdout
+    assert f"cannot reach the PostgreSQL store at 127.0.0.1:{port}/tm" in done.stderr
+    assert "TOPSECRET" not in output
+    assert "Traceback" not in output
