@@ -676,3 +676,46 @@ class TestSafeDecoding:
         assert generic["/tastemaker.v1.RecommenderService/Recommend"].request_deserializer(
             pb.RecommendRequest(user_id="u").SerializeToString()
         ).user_id == "u"
+
+
+def test_shard_batches_are_submitted_all_or_none_and_slots_come_back():
+    """A stream message whose events go to two shards is refused whole when one mailbox is full
+    (no shard gets part of it), and every slot is released once its call has finished."""
+    import asyncio
+
+    from tastemaker.profiles.actor import Mailbox, ShardRouter
+
+    submitted: list[int] = []
+
+    class Method:
+        def __init__(self, shard: int):
+            self.shard = shard
+
+        def remote(self, *args):
+            submitted.append(self.shard)
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(("applied", self.shard))
+            return future  # awaitable like an ObjectRef
+
+    class Actor:
+        def __init__(self, shard: int):
+            self.apply_events = Method(shard)
+
+    router = ShardRouter.__new__(ShardRouter)  # no Ray: the routing and bounding logic only
+    router.actors = [Actor(0), Actor(1)]
+    router.mailboxes = [Mailbox(1), Mailbox(1)]
+
+    async def scenario():
+        first = router.submit(1, "apply_events", [])
+        with pytest.raises(errors.ResourceExhausted, match="shard 1"):
+            router.submit_many([(0, "apply_events", ([],)), (1, "apply_events", ([],))])
+        assert submitted == [1] and router.mailboxes[0].in_flight == 0
+        assert await first == ("applied", 1)
+        await asyncio.sleep(0)  # the slot is released by the finished call's callback
+        assert [m.in_flight for m in router.mailboxes] == [0, 0]
+        results = await asyncio.gather(*router.submit_many([(0, "apply_events", ([],)), (1, "apply_events", ([],))]))
+        assert results == [("applied", 0), ("applied", 1)]
+        await asyncio.sleep(0)
+        assert [m.in_flight for m in router.mailboxes] == [0, 0]
+
+    asyncio.run(scenario())

@@ -209,10 +209,9 @@ class GatewayDeployment:
             if getattr(after, "failed", False):
                 raise InvalidArgument("an earlier message of this stream failed; the stream has ended")
         # Submitted now, in stream order; a full shard mailbox refuses the message at once.
-        calls = [
-            self.shards.submit(shard, "apply_events", [events[i] for i in positions])
-            for shard, positions in by_shard.items()
-        ]
+        calls = self.shards.submit_many(
+            [(shard, "apply_events", ([events[i] for i in positions],)) for shard, positions in by_shard.items()]
+        )
         if submitted is not None:
             submitted.set()
         results = await asyncio.gather(*calls)

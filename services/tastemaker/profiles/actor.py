@@ -125,8 +125,25 @@ class ShardRouter:
         """Submit a call to one shard now (Ray runs one caller's calls to a shard in submission
         order) and return a future of its result; ResourceExhausted at once when the shard's
         mailbox is full. The slot is held until the shard has answered or dropped the call."""
+        self.mailboxes[shard_id].admit(shard_id)
+        return self._submit_admitted(shard_id, method, args)
+
+    def submit_many(self, calls: Sequence[tuple[int, str, tuple]]) -> list:
+        """Submit several `(shard_id, method, args)` calls, all or none: every mailbox is checked
+        before any call goes out, so a refusal never leaves part of a batch applied."""
+        taken: list[int] = []
+        try:
+            for shard_id, _, _ in calls:
+                self.mailboxes[shard_id].admit(shard_id)
+                taken.append(shard_id)
+        except ResourceExhausted:
+            for shard_id in taken:
+                self.mailboxes[shard_id].release()
+            raise
+        return [self._submit_admitted(shard_id, method, args) for shard_id, method, args in calls]
+
+    def _submit_admitted(self, shard_id: int, method: str, args: tuple):
         mailbox = self.mailboxes[shard_id]
-        mailbox.admit(shard_id)
         try:
             ref = getattr(self.actors[shard_id], method).remote(*args)
         except BaseException:
