@@ -1,11 +1,12 @@
 """The application's own start-up (`tastemaker.startup`): the store lease and the idempotent steps,
-on a real SQLite file, without Ray."""
+on a real SQLite file and a real PostgreSQL database, without Ray."""
 
 from __future__ import annotations
 
 import hashlib
 
 import numpy as np
+import pytest
 
 from tastemaker.config import EventWeights, RetrievalConfig
 from tastemaker.domain import EventType, Item, UserEvent
@@ -37,8 +38,28 @@ def _model(name: str):
     return encode
 
 
-def _store(tmp_path, name: str = "s.db"):
-    return open_store("sqlite:///" + str(tmp_path / name))
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path) -> str:
+    """One fresh store per test: a SQLite file, or a database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return "sqlite:///" + str(tmp_path / "s.db")
+    import uuid
+
+    return request.getfixturevalue("postgres_server").create_database(f"startup_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def opened(store_url):
+    """Opens store objects on the test's store (each one standing for a process); closes them."""
+    stores = []
+
+    def open_one():
+        stores.append(open_store(store_url))
+        return stores[-1]
+
+    yield open_one
+    for store in stores:
+        store.close()
 
 
 def _fill(store, encode) -> None:
@@ -72,9 +93,9 @@ def _steps(encode, identity: str, rebuilt: list[int]) -> StartupSteps:
     )
 
 
-def test_lease_is_exclusive_until_released_or_expired(tmp_path):
+def test_lease_is_exclusive_until_released_or_expired(opened):
     now = [1_000.0]
-    store_a, store_b = _store(tmp_path), _store(tmp_path)
+    store_a, store_b = opened(), opened()
     a = StoreLease(store_a, "a", ttl_s=60, clock=lambda: now[0])
     b = StoreLease(store_b, "b", ttl_s=60, clock=lambda: now[0])
     assert a.try_acquire() and not b.try_acquire()
@@ -93,17 +114,17 @@ def test_lease_is_exclusive_until_released_or_expired(tmp_path):
     assert a.try_acquire()
 
 
-def test_startup_reencodes_and_fits_once_across_replicas(tmp_path):
+def test_startup_reencodes_and_fits_once_across_replicas(opened):
     """Two replicas start at once over a store whose vectors another model made: the catalog and
     the texts are re-encoded exactly once, the profiles rebuilt once, a fit is published, and
     both replicas end up done."""
     old, new = _model("old"), _model("new")
-    store = _store(tmp_path)
+    store = opened()
     _fill(store, old)
     store.set_meta(ENCODER_IDENTITY_KEY, "old-model:mean:256:sha256=0000000000000000")
     seq_before = store.item_changes(0)[-1].seq
     rebuilt: list[int] = []
-    replicas = [ServiceStartup(_store(tmp_path), _steps(new, "new-model:mean:256:sha256=1111111111111111", rebuilt))
+    replicas = [ServiceStartup(opened(), _steps(new, "new-model:mean:256:sha256=1111111111111111", rebuilt))
                 for _ in range(2)]
     for replica in replicas:
         replica.start()
@@ -123,25 +144,25 @@ def test_startup_reencodes_and_fits_once_across_replicas(tmp_path):
     assert store.get_meta("startup_lease") is None  # released
 
 
-def test_an_interrupted_swap_is_finished_by_the_next_start(tmp_path):
+def test_an_interrupted_swap_is_finished_by_the_next_start(opened):
     """A replica that died half-way left the swap marker: the next start redoes the swap."""
     old, new = _model("old"), _model("new")
-    store = _store(tmp_path)
+    store = opened()
     _fill(store, old)
     store.set_meta(ENCODER_IDENTITY_KEY, "old-model:mean:256:sha256=0000000000000000")
     identity = "new-model:mean:256:sha256=1111111111111111"
     assert mark_encoder_swap(store, identity)  # the dead replica got this far
     rebuilt: list[int] = []
-    startup = ServiceStartup(_store(tmp_path), _steps(new, identity, rebuilt))
+    startup = ServiceStartup(opened(), _steps(new, identity, rebuilt))
     assert startup.run_once()
     assert startup.done and startup.result["encoder"]["swapped"] and rebuilt == [1]
     assert store.get_meta(ENCODER_SWAP_PENDING_KEY) is None
 
 
-def test_a_fresh_store_records_the_model_and_needs_no_fit(tmp_path):
-    store = _store(tmp_path)
+def test_a_fresh_store_records_the_model_and_needs_no_fit(opened):
+    store = opened()
     encode = _model("new")
-    startup = ServiceStartup(_store(tmp_path), _steps(encode, "new-model:mean:256:sha256=1111111111111111", []))
+    startup = ServiceStartup(opened(), _steps(encode, "new-model:mean:256:sha256=1111111111111111", []))
     assert startup.run_once()
     assert startup.result == {"encoder": {"swapped": False}, "fitted": None}
     assert encode.calls == []
@@ -149,11 +170,11 @@ def test_a_fresh_store_records_the_model_and_needs_no_fit(tmp_path):
     assert fit_if_missing(store, RETRIEVAL, EventWeights()) is None
 
 
-def test_a_replica_waits_while_another_holds_the_lease(tmp_path):
-    store = _store(tmp_path)
-    holder = StoreLease(_store(tmp_path), "someone-else")
+def test_a_replica_waits_while_another_holds_the_lease(opened):
+    store = opened()
+    holder = StoreLease(opened(), "someone-else")
     assert holder.try_acquire()
-    startup = ServiceStartup(_store(tmp_path), _steps(_model("new"), "new-model:mean:256:sha256=1", []))
+    startup = ServiceStartup(opened(), _steps(_model("new"), "new-model:mean:256:sha256=1", []))
     assert startup.run_once() is False and not startup.done
     startup.start()
     assert not startup.wait(timeout=1.5)  # still held
@@ -163,7 +184,7 @@ def test_a_replica_waits_while_another_holds_the_lease(tmp_path):
     assert store.get_meta("startup_lease") is None
 
 
-def test_failing_steps_are_retried(tmp_path):
+def test_failing_steps_are_retried(opened):
     """A step that fails (e.g. the encoder not answering yet) is retried; done only after success."""
     attempts: list[int] = []
     steps = _steps(_model("new"), "new-model:mean:256:sha256=1", [])
@@ -175,8 +196,8 @@ def test_failing_steps_are_retried(tmp_path):
         return "new-model:mean:256:sha256=1"
 
     steps.encoder_identity = flaky_identity
-    startup = ServiceStartup(_store(tmp_path), steps, retry_s=0.05)
+    startup = ServiceStartup(opened(), steps, retry_s=0.05)
     startup.start()
     assert startup.wait(timeout=30)
     assert len(attempts) == 3 and startup.last_error == "RuntimeError"
-    assert _store(tmp_path).get_meta("startup_lease") is None  # released after each failure
+    assert opened().get_meta("startup_lease") is None  # released after each failure
