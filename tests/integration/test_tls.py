@@ -100,7 +100,7 @@ def tls_proxy(service, tmp_path_factory):
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_port(tls_port, 20)
-        yield tls_port, (workdir / "cert.pem").read_bytes()
+        yield tls_port, (workdir / "cert.pem").read_bytes(), workdir / "cert.pem"
     finally:
         proc.send_signal(signal.SIGQUIT)  # graceful stop of this master (and its worker) only
         try:
@@ -111,7 +111,7 @@ def tls_proxy(service, tmp_path_factory):
 
 
 def test_recommend_stream_and_health_through_a_tls_proxy(service, tls_proxy):
-    tls_port, cert = tls_proxy
+    tls_port, cert, _ = tls_proxy
     credentials = grpc.ssl_channel_credentials(root_certificates=cert)
     with grpc.secure_channel(f"127.0.0.1:{tls_port}", credentials) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
@@ -134,7 +134,7 @@ def test_recommend_stream_and_health_through_a_tls_proxy(service, tls_proxy):
 
 
 def test_the_tls_port_refuses_plaintext_and_untrusted_certificates(service, tls_proxy):
-    tls_port, _ = tls_proxy
+    tls_port, _, _ = tls_proxy
     with grpc.insecure_channel(f"127.0.0.1:{tls_port}") as channel:
         with pytest.raises(grpc.RpcError) as info:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -144,3 +144,15 @@ def test_the_tls_port_refuses_plaintext_and_untrusted_certificates(service, tls_
         with pytest.raises(grpc.RpcError) as info:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_cli_through_the_tls_proxy(service, tls_proxy, capsys, monkeypatch):
+    import json
+
+    from tastemaker.cli import main as cli_main
+
+    tls_port, _, cert_path = tls_proxy
+    monkeypatch.setenv("TASTEMAKER_API_KEY", service.api_key)
+    argv = ["similar", "--item", "m1", "--k", "2", "--target", f"127.0.0.1:{tls_port}", "--tls-ca", str(cert_path), "--json"]
+    assert cli_main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)["items"]) == 2
