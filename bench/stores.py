@@ -59,6 +59,12 @@ ECHO_RATIOS = {
         ("recommend_p99_echo_ratio", "recommend_p99_speedup_vs_echo"),
         ("recommend_rps_echo_ratio", "recommend_rps"),
     ],
+    "freshness": [
+        ("events_per_s_no_text_echo_ratio", "events_per_s_no_text"),
+        ("ack_p99_echo_ratio", "ack_p99_speedup_vs_echo"),
+        ("capped_ack_incl_linger_p99_echo_ratio", "capped_ack_incl_linger_p99_speedup_vs_echo"),
+        ("visible_p99_echo_ratio", "visible_p99_speedup_vs_echo"),
+    ],
 }
 
 _T0 = time.monotonic()
@@ -85,8 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--freshness-args", default="", help="extra arguments for bench freshness (one string, shell-quoted)"
     )
     parser.add_argument(
-        "--only", choices=sorted(KEY_FIGURES), action="append", help="run only this benchmark (repeatable)"
+        "--only",
+        choices=["direct", *sorted(KEY_FIGURES)],
+        action="append",
+        help="run only this part (repeatable): direct (the stores in-process), e2e, freshness",
     )
+    parser.add_argument(
+        "--direct-rounds", type=int, default=5, help="rounds of the in-process store measurement (0 = skip it)"
+    )
+    parser.add_argument("--direct-calls", type=int, default=200, help="calls per round of the in-process measurement")
     parser.add_argument("--json", default=None, help="where to write the JSON; None = bench/results/stores.json")
     return parser
 
@@ -138,44 +151,71 @@ def _run_child(name: str, extra: list[str], store_url: Optional[str], json_path:
     return report
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from tastemaker.store.base import redact_url
+def measure_direct(postgres_url: str, sqlite_url: str, rounds: int, calls: int) -> tuple[list[dict], dict]:
+    """The stores alone, in this process (no Ray, no gRPC): `append_events` of 1 and of 500 events
+    per call (one transaction each, durable before it returns) and the event-feed read a follower
+    makes, alternating SQLite and PostgreSQL round by round so that drift hits both. Medians over
+    rounds of each round's p50/p99."""
+    import statistics
 
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    json_path = Path(args.json) if args.json else DEFAULT_JSON
-    benchmarks = args.only or ["e2e", "freshness"]
-    extra = {"e2e": shlex.split(args.e2e_args), "freshness": shlex.split(args.freshness_args)}
-    server = None
-    base_url = args.postgres_url
-    if base_url is None:
-        progress("starting a temporary PostgreSQL server")
-        server = _start_temporary_postgres()
-        base_url = server.url
-    schemas: list[str] = []
-    runs: dict[str, dict[str, dict]] = {}
+    from tastemaker.domain import EventType, UserEvent
+    from tastemaker.store import open_store
+
+    stores = {"sqlite": open_store(sqlite_url), "postgres": open_store(postgres_url)}
+    counters = {"sqlite": 0, "postgres": 0}
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in stores}
+
+    def batch(store_name: str, size: int) -> list[UserEvent]:
+        start = counters[store_name]
+        counters[store_name] += size
+        return [
+            UserEvent(event_id=f"e{n}", user_id=f"u{n % 1000}", event_type=EventType.CLICK, item_id=f"i{n % 500}", event_time=1e9)
+            for n in range(start, start + size)
+        ]
+
+    def timed(store_name: str, key: str, call) -> None:
+        started = time.perf_counter()
+        call()
+        samples[store_name].setdefault(key, []).append((time.perf_counter() - started) * 1000)
+
+    def percentile(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+    per_round: dict[str, dict[str, list[float]]] = {name: {} for name in stores}
     try:
-        with tempfile.TemporaryDirectory(prefix="tastemaker-bench-stores-") as tmp:
-            for name in benchmarks:
-                runs[name] = {}
-                for store in ("sqlite", "postgres"):
-                    url = None
-                    if store == "postgres":
-                        schema = f"bench_{name}_{uuid.uuid4().hex[:8]}"
-                        schemas.append(schema)
-                        url = _schema_url(base_url, schema)
-                    progress(f"bench {name} on {store}")
-                    runs[name][store] = _run_child(name, extra[name], url, Path(tmp) / f"{name}-{store}.json")
-                    progress(f"bench {name} on {store}: done in {runs[name][store]['wall_s']} s")
+        for _ in range(rounds):
+            for name, store in stores.items():
+                samples[name] = {}
+                for _ in range(calls):
+                    timed(name, "append_1", lambda: store.append_events(0, batch(name, 1)))
+                for _ in range(max(1, calls // 10)):
+                    timed(name, "append_500", lambda: store.append_events(0, batch(name, 500)))
+                for _ in range(calls):
+                    timed(name, "events_after_1000", lambda: store.events_after(counters[name] - 1000, limit=1000))
+                for key, values in samples[name].items():
+                    per_round[name].setdefault(f"{key}_p50_ms", []).append(percentile(values, 50))
+                    per_round[name].setdefault(f"{key}_p99_ms", []).append(percentile(values, 99))
+                    if key == "append_500":
+                        per_round[name].setdefault("append_500_events_per_s", []).append(
+                            500 * len(values) / (sum(values) / 1000)
+                        )
     finally:
-        for schema in schemas:
-            try:
-                _drop_schema(base_url, schema)
-            except Exception as exc:  # cleanup only; the figures are what matters
-                progress(f"could not drop schema {schema}: {type(exc).__name__}")
-        if server is not None:
-            server.stop()
+        for store in stores.values():
+            store.close()
+    medians = {name: {k: statistics.median(v) for k, v in figures.items()} for name, figures in per_round.items()}
+    out = []
+    for key in sorted(medians["postgres"]):
+        pg, base = medians["postgres"][key], medians["sqlite"][key]
+        higher_is_better = key.endswith("_per_s")
+        ratio = (pg / base) if higher_is_better else (base / pg)
+        unit = "events/s" if higher_is_better else "ms"
+        out.append(figure(f"direct_postgres_{key}", pg, unit, f"direct_sqlite_{key}", base, ratio))
+    return out, {"rounds": rounds, "calls_per_round": calls, "order": "sqlite then postgres, each round"}
 
+
+def compare(runs: dict[str, dict[str, dict]], benchmarks: list[str]) -> list[dict]:
+    """The figures of the report from the children's reports (`runs[benchmark][store]`)."""
     figures = []
     for name in benchmarks:
         sqlite = {f["name"]: f["value"] for f in runs[name]["sqlite"]["figures"]}
@@ -196,10 +236,75 @@ def main(argv: Optional[list[str]] = None) -> int:
             pg, base = postgres_vs_echo.get(echo_key), sqlite_vs_echo.get(echo_key)
             if pg is not None and base:
                 figures.append(figure(f"postgres_{key}", pg, "ratio vs echo", f"sqlite_{key}", base, pg / base))
+    return figures
+
+
+def load_averages(runs: dict[str, dict[str, dict]]) -> dict[str, list]:
+    """How busy the machine was around each measurement (shared machines drift)."""
+    return {
+        f"{name} on {store}": [
+            runs[name][store]["params"].get("load_avg_1m_before"),
+            runs[name][store]["params"].get("load_avg_1m_after"),
+        ]
+        for name in runs
+        for store in runs[name]
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tastemaker.store.base import redact_url
+    from tastemaker_bench.e2e import host_block
+
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    json_path = Path(args.json) if args.json else DEFAULT_JSON
+    parts = args.only or ["direct", "e2e", "freshness"]
+    benchmarks = [name for name in parts if name in KEY_FIGURES]
+    extra = {"e2e": shlex.split(args.e2e_args), "freshness": shlex.split(args.freshness_args)}
+    server = None
+    base_url = args.postgres_url
+    if base_url is None:
+        progress("starting a temporary PostgreSQL server")
+        server = _start_temporary_postgres()
+        base_url = server.url
+    schemas: list[str] = []
+    runs: dict[str, dict[str, dict]] = {}
+    direct: list[dict] = []
+    direct_params: dict = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="tastemaker-bench-stores-") as tmp:
+            if "direct" in parts and args.direct_rounds > 0:
+                schema = f"bench_direct_{uuid.uuid4().hex[:8]}"
+                schemas.append(schema)
+                progress(f"in-process store measurement ({args.direct_rounds} rounds)")
+                direct, direct_params = measure_direct(
+                    _schema_url(base_url, schema), f"sqlite:///{tmp}/direct.db", args.direct_rounds, args.direct_calls
+                )
+            for name in benchmarks:
+                runs[name] = {}
+                for store in ("sqlite", "postgres"):
+                    url = None
+                    if store == "postgres":
+                        schema = f"bench_{name}_{uuid.uuid4().hex[:8]}"
+                        schemas.append(schema)
+                        url = _schema_url(base_url, schema)
+                    progress(f"bench {name} on {store}")
+                    runs[name][store] = _run_child(name, extra[name], url, Path(tmp) / f"{name}-{store}.json")
+                    progress(f"bench {name} on {store}: done in {runs[name][store]['wall_s']} s")
+    finally:
+        for schema in schemas:
+            try:
+                _drop_schema(base_url, schema)
+            except Exception as exc:  # cleanup only; the figures are what matters
+                progress(f"could not drop schema {schema}: {type(exc).__name__}")
+        if server is not None:
+            server.stop()
+
+    figures = direct + compare(runs, benchmarks)
     report = {
         "benchmark": "stores",
         "started": started,
-        "host": runs[benchmarks[0]]["sqlite"]["host"],
+        "host": host_block(),
         "params": {
             "postgres": redact_url(base_url) + " (a schema per measurement)",
             "postgres_server": "temporary, started by the benchmark (tests/pgserver.py)" if server else "given",
@@ -207,6 +312,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "extra_args": {name: extra[name] for name in benchmarks},
             "order": [f"{name} on {store}" for name in benchmarks for store in ("sqlite", "postgres")],
             "ratio": "> 1: PostgreSQL better; latencies sqlite/postgres, rates postgres/sqlite",
+            "direct": direct_params,
+            "load_avg_1m_before_after": load_averages(runs),
+            "wall_s": {f"{name} on {store}": runs[name][store]["wall_s"] for name in runs for store in runs[name]},
         },
         "figures": figures,
         "runs": runs,
