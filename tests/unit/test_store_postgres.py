@@ -236,3 +236,22 @@ def test_serve_with_an_unreachable_store_fails_fast_without_the_password(tmp_pat
     assert f"cannot reach the PostgreSQL store at 127.0.0.1:{port}/tm" in done.stderr
     assert "TOPSECRET" not in output
     assert "Traceback" not in output
+
+
+def test_nul_characters_are_an_invalid_argument_and_nothing_is_written(postgres_server):
+    """PostgreSQL text cannot hold U+0000: the store says so precisely (INVALID_ARGUMENT), writes
+    nothing of the batch, and keeps working."""
+    from tastemaker.domain import EventType, Item, UserEvent
+
+    store = open_store(_fresh_url(postgres_server), FAST)
+    try:
+        good = UserEvent(event_id="e1", user_id="u1", event_type=EventType.SEARCH, text="fine", event_time=1.0)
+        bad = UserEvent(event_id="e2", user_id="u1", event_type=EventType.SEARCH, text="a\x00b", event_time=1.0)
+        with pytest.raises(InvalidArgument, match="NUL"):
+            store.append_events(0, [good, bad])
+        with pytest.raises(InvalidArgument, match="NUL"):
+            store.upsert_items([Item(item_id="i\x00", title="t")])
+        assert store.events_after(0) == [] and store.count_items() == 0
+        assert store.append_events(0, [good]) != [None]
+    finally:
+        store.close()

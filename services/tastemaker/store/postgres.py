@@ -32,7 +32,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tastemaker.domain import EventType, Item, UserEvent
-from tastemaker.errors import Unavailable
+from tastemaker.errors import InvalidArgument, Unavailable
 from tastemaker.store.base import (
     INSTANCE_ID_KEY,
     ApiKeyRecord,
@@ -141,6 +141,14 @@ def _item_from_row(row) -> Item:
     )
 
 
+def _nul_refused(exc: psycopg.DataError) -> Exception:
+    """PostgreSQL text cannot hold U+0000 (SQLite's can): a precise INVALID_ARGUMENT instead of an
+    internal error. Other data errors pass unchanged."""
+    if "NUL" in str(exc):
+        return InvalidArgument("ids and texts must not contain the NUL character (U+0000)")
+    return exc
+
+
 def server_address(url: str) -> str:
     """`host:port/database` of a PostgreSQL URL, for messages (never the user or password)."""
     parts = urlsplit(url)
@@ -215,6 +223,8 @@ class PostgresStore:
                 yield cur
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise self._unavailable(exc) from None
+        except psycopg.DataError as exc:
+            raise _nul_refused(exc) from None
 
     @contextmanager
     def _write(self) -> Iterator[psycopg.Cursor]:
@@ -225,6 +235,8 @@ class PostgresStore:
                 self._before_commit(cur)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise self._unavailable(exc) from None
+        except psycopg.DataError as exc:
+            raise _nul_refused(exc) from None
 
     def _before_commit(self, cur: psycopg.Cursor) -> None:
         """Called inside every write transaction right before its COMMIT. A seam for tests that
