@@ -808,6 +808,51 @@ class TestFeedsWithConcurrentWriters:
         seen = _late_committer_race(opener(), opener(), opener(), write, read)
         assert sorted(seen) == ["u1", "u2"], f"the follower saw {seen}"
 
+    def test_follower_of_many_concurrent_writers_sees_every_event_once(self, opener):
+        """Four writers (own connections) append small batches as fast as they can while a
+        follower polls the event feed; at the end it has seen every event exactly once."""
+        import threading
+
+        writers, batches, per_batch = 4, 25, 3
+        stores = [opener() for _ in range(writers)]
+        follower = opener()
+        done = threading.Event()
+        errors: list[BaseException] = []
+        seen: list[tuple[str, str]] = []
+
+        def write(n: int) -> None:
+            try:
+                for b in range(batches):
+                    stores[n].append_events(
+                        n, [_event(f"u{n}", f"e{b}-{k}", "a") for k in range(per_batch)]
+                    )
+            except BaseException as exc:  # reported by the assert below
+                errors.append(exc)
+
+        def follow() -> None:
+            cursor = 0
+            while True:
+                finished = done.is_set()  # read before polling: a last poll after the writers
+                for stored in follower.events_after(cursor, limit=7):
+                    assert stored.seq > cursor
+                    seen.append((stored.event.user_id, stored.event.event_id))
+                    cursor = stored.seq
+                if finished:
+                    break
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+        reader = threading.Thread(target=follow)
+        reader.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        done.set()
+        reader.join(timeout=120)
+        assert errors == [] and not reader.is_alive()
+        expected = {(f"u{n}", f"e{b}-{k}") for n in range(writers) for b in range(batches) for k in range(per_batch)}
+        assert len(seen) == len(expected) and set(seen) == expected
+
 
 def test_naive_sequence_loses_the_late_committer(postgres_server):
     """The race of `TestFeedsWithConcurrentWriters` against a PostgresStore whose item seqs are
