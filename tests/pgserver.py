@@ -6,6 +6,7 @@
     server.url                         # postgresql://tastemaker:<password>@127.0.0.1:<port>/tastemaker
     url = server.create_database("x")  # a fresh, empty database on the same server; returns its URL
     url = server.create_schema("y")    # or a fresh schema (cheaper); the URL sets search_path to it
+    server.crash_and_restart()         # pg_ctl restart -m immediate: a crash, then WAL recovery
     server.stop()                      # pg_ctl stop -m immediate on this data dir, then rm the dir
 
 The session fixture `postgres_server` (tests/conftest.py) shares one server per test session.
@@ -132,6 +133,18 @@ class PostgresServer:
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f'CREATE SCHEMA "{name}"')
         return f"{self.url}?options=-csearch_path%3D{name}"
+
+    def crash_and_restart(self, timeout_s: int = 60) -> None:
+        """Stop this server the way a crash does (`-m immediate`: no checkpoint, shared buffers
+        and unwritten WAL buffers lost) and start it again on the same port and data, which
+        replays the WAL. What was committed durably is there afterwards; connections are not."""
+        _run(
+            self._bin_dir,
+            self._as_user,
+            ["pg_ctl", "-D", str(self.data_dir), "-l", str(self.base_dir / "server.log"), "restart", "-m", "immediate",
+             "-w", "-t", str(timeout_s)],
+            cwd=self.base_dir,
+        )
 
     def stop(self) -> None:
         """Stop this server (immediate mode: a test server keeps nothing) and remove its files."""
