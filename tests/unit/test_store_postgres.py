@@ -292,3 +292,27 @@ def test_acknowledged_events_survive_a_server_crash_and_the_store_reconnects():
         store.close()
     finally:
         server.stop()
+
+
+def test_a_role_that_may_not_create_tables_gets_a_clear_start_error(postgres_server):
+    """A first start with a role that lacks CREATE on the schema: FAILED_PRECONDITION naming the
+    server and the missing right, not a driver traceback."""
+    import psycopg
+
+    from tastemaker.errors import FailedPrecondition
+
+    schema = f"locked_{uuid.uuid4().hex[:12]}"
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server.url, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'READERPW'")
+        admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+    url = (
+        f"postgresql://{role}:READERPW@127.0.0.1:{postgres_server.port}/{postgres_server.database}"
+        f"?options=-csearch_path%3D{schema}"
+    )
+    with pytest.raises(FailedPrecondition) as caught:
+        open_store(url, FAST)
+    message = str(caught.value)
+    assert f"127.0.0.1:{postgres_server.port}" in message and "permission denied" in message
+    assert "READERPW" not in message

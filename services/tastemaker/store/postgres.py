@@ -32,7 +32,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tastemaker.domain import EventType, Item, UserEvent
-from tastemaker.errors import InvalidArgument, Unavailable
+from tastemaker.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tastemaker.store.base import (
     INSTANCE_ID_KEY,
     ApiKeyRecord,
@@ -177,6 +177,11 @@ class PostgresStore:
                 self._migrate(conn)
         except psycopg.OperationalError as exc:
             raise self._unavailable(exc) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise FailedPrecondition(
+                f"the PostgreSQL store at {self._where} refused to set up the schema ({exc.diag.message_primary}): "
+                "the role needs to create tables in its schema, at least at the first start"
+            ) from None
         self._pool = ConnectionPool(
             url,
             min_size=self.config.pool_min_size,
