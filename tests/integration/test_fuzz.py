@@ -7,6 +7,8 @@ RPC), so the file runs in about two minutes on 2 cores."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,9 +29,11 @@ ALLOWED = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-#: Internals that must never reach a client. The fuzzed ids never contain '/', so a '/' in a
-#: message can only be a path.
-LEAKS = ("Traceback", "File \"", "pid=", "ray::", "Error(", "Exception", "/", " at 0x", ".py")
+#: Internals that must never reach a client.
+LEAKS = ("Traceback", "File \"", "pid=", "ray::", "Error(", "Exception", " at 0x", ".py", "site-packages")
+#: An absolute path (a '/' that starts a word, followed by a folder): "/work/x/y.py", not
+#: "min_value/max_value". The fuzzed ids never contain '/', so such a match can only be a leak.
+PATH = re.compile(r"(?<![\w.])/(?:[\w.-]+/)+")
 FUZZ = settings(
     derandomize=True,
     database=None,
@@ -136,6 +140,7 @@ def check(call):
         assert len(message) < 1_500, message
         for leak in LEAKS:
             assert leak not in message, (leak, message)
+        assert PATH.search(message) is None, message
         return None
 
 
