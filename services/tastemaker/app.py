@@ -60,12 +60,13 @@ def build_app(config: ServiceConfig):
         max_queued_requests=config.gateway.internal_max_queued_requests,
         ray_actor_options={"num_cpus": ret.num_cpus},
         logging_config={"enable_access_log": False},
-    ).bind(ret, store_url, config.profiles.weights, config.server.namespace)
+    ).bind(ret, store_url, config.profiles.weights, config.server.namespace, config.store)
     gw = config.gateway
     settings = GatewaySettings(
         gateway=gw,
         profiles=config.profiles,
         store_url=store_url,
+        store=config.store,
         retrieval=config.retrieval,
         app_name=config.server.app_name,
         namespace=config.server.namespace,
@@ -134,7 +135,7 @@ def mark_encoder_swap(config: ServiceConfig) -> bool:
     from tastemaker.reencode import encoder_identity
     from tastemaker.startup import mark_encoder_swap as mark
 
-    store = open_store(config.store_url())
+    store = open_store(config.store_url(), config.store)
     try:
         return mark(store, encoder_identity(config.encoder))
     finally:
@@ -166,7 +167,7 @@ def swap_encoder_if_changed(config: ServiceConfig, batch_size: int = 256) -> dic
         ]
         return sum(ray.get([actor.rebuild.remote() for actor in shards]))
 
-    store = open_store(config.store_url())
+    store = open_store(config.store_url(), config.store)
     try:
         if not mark(store, identity):  # nothing to do: the application need not be running
             return {"swapped": False}

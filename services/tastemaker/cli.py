@@ -95,7 +95,7 @@ def _serve_api_key(config: "ServiceConfig", data_dir: Path) -> Optional[str]:
     from tastemaker.store import open_store
 
     key = config.privacy.user_id_key
-    store = open_store(config.store_url())
+    store = open_store(config.store_url(), config.store)
     try:  # before starting anything: a store written under another pseudonym setting is refused
         check_store_key(store, Pseudonymizer(key.get_secret_value()) if key is not None else None)
     finally:
@@ -103,7 +103,7 @@ def _serve_api_key(config: "ServiceConfig", data_dir: Path) -> Optional[str]:
     if not config.auth.enabled:
         return None
     if config.auth.create_admin_key:
-        store = open_store(config.store_url())
+        store = open_store(config.store_url(), config.store)
         try:
             secret = ensure_admin_key(store, data_dir)
         finally:
@@ -286,7 +286,7 @@ def fit_artifact(config: ServiceConfig, show_progress: bool = True) -> str:
     from tastemaker.startup import publish_fit
     from tastemaker.store import open_store
 
-    store = open_store(config.store_url())
+    store = open_store(config.store_url(), config.store)
     try:
         with tqdm(desc="fitting from the event log", unit="event", disable=not show_progress) as bar:
             return publish_fit(store, config.retrieval, config.profiles.weights, progress=bar)
@@ -401,7 +401,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
     config = _config_from_args(args)
-    store = open_store(config.store_url())
+    store = open_store(config.store_url(), config.store)
     try:
         if args.keys_command == "create":
             secret, record = new_key(args.role, args.name)

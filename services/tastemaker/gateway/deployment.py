@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray import serve
 
-from tastemaker.config import AuthConfig, GatewayConfig, PrivacyConfig, ProfileConfig, RetrievalConfig
+from tastemaker.config import AuthConfig, GatewayConfig, PrivacyConfig, ProfileConfig, RetrievalConfig, StoreConfig
 from tastemaker.domain import TEXT_EVENT_TYPES, EventAck, EventType, ProfileView, UserProfileSummary
 from tastemaker.errors import FailedPrecondition, InvalidArgument, NotFound
 from tastemaker.gateway import convert
@@ -45,6 +45,8 @@ class GatewaySettings:
     store_url: str
     app_name: str
     namespace: str
+    #: The store section (PostgreSQL pool sizes, SQLite busy timeout) for every store this opens.
+    store: StoreConfig = field(default_factory=StoreConfig)
     #: Graph parameters for the fit the start-up publishes when none exists (`tastemaker.startup`).
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -101,9 +103,9 @@ class GatewayDeployment:
         self.config = settings.gateway
         self.encoder = encoder
         self.retrieval = retrieval
-        self.store = open_store(settings.store_url)
+        self.store = open_store(settings.store_url, settings.store)
         self.guard = EdgeGuard(settings.auth, settings.privacy, self.store, self.config)
-        self.shards = ShardRouter(settings.app_name, settings.namespace, settings.store_url, settings.profiles)
+        self.shards = ShardRouter(settings.app_name, settings.namespace, settings.store_url, settings.profiles, settings.store)
         self.shards.wait_ready()
         self._start_up()
         self._anchors = None  # praise/complaint vectors, encoded on first use

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import ray
 
-from tastemaker.config import ProfileConfig
+from tastemaker.config import ProfileConfig, StoreConfig
 from tastemaker.domain import EventAck, ProfileView, UserEvent
 from tastemaker.errors import ResourceExhausted, Unavailable
 from tastemaker.profiles.shard import ProfileShard
@@ -24,8 +24,8 @@ class ProfileShardActor:
     """One shard. Sync methods run one at a time, so one user's events apply in arrival order.
     After a restart `__init__` runs again and rebuilds the shard from the store."""
 
-    def __init__(self, shard_id: int, store_url: str, config: ProfileConfig):
-        self.shard = ProfileShard(shard_id, open_store(store_url), config)
+    def __init__(self, shard_id: int, store_url: str, config: ProfileConfig, store_config: Optional[StoreConfig] = None):
+        self.shard = ProfileShard(shard_id, open_store(store_url, store_config), config)
         replayed = self.shard.recover()
         logger.info("profile shard %d recovered: %d users, %d events replayed",
                     shard_id, len(self.shard.profiles), replayed)
@@ -90,9 +90,11 @@ class ShardRouter:
     disconnected: Serve cancels the request) cancels its shard call, so queued work whose caller is
     gone is dropped, not done; a call already running on the shard completes."""
 
-    def __init__(self, app_name: str, namespace: str, store_url: str, config: ProfileConfig):
+    def __init__(
+        self, app_name: str, namespace: str, store_url: str, config: ProfileConfig, store_config: Optional[StoreConfig] = None
+    ):
         self.config = config
-        store = open_store(store_url)
+        store = open_store(store_url, store_config)
         try:
             store.ensure_num_shards(config.num_shards, shard_of)
         finally:
@@ -105,7 +107,7 @@ class ShardRouter:
                 lifetime="detached",
                 # Across the nodes, so losing one node restarts only its share of the shards.
                 scheduling_strategy="SPREAD",
-            ).remote(shard_id, store_url, config)
+            ).remote(shard_id, store_url, config, store_config)
             for shard_id in range(config.num_shards)
         ]
         self.mailboxes = [Mailbox(config.max_in_flight_calls) for _ in range(config.num_shards)]

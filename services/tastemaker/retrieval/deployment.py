@@ -41,7 +41,7 @@ import numpy as np
 from ray import serve
 from threadpoolctl import threadpool_limits
 
-from tastemaker.config import EventWeights, RetrievalConfig
+from tastemaker.config import EventWeights, RetrievalConfig, StoreConfig
 from tastemaker.domain import Item, ProfileView, RecommendQuery, ScoredItem
 from tastemaker.retrieval.collaborative import GraphFollower, graph_params
 from tastemaker.retrieval.index import create_index, load_index
@@ -303,14 +303,21 @@ class RetrievalDeployment:
     the instance id of the store it opened (`tastemaker.cluster`), so health sees a replica that
     opened another store than the rest (e.g. its node's own SQLite file)."""
 
-    def __init__(self, config: RetrievalConfig, store_url: str, weights: EventWeights, namespace: Optional[str] = None):
+    def __init__(
+        self,
+        config: RetrievalConfig,
+        store_url: str,
+        weights: EventWeights,
+        namespace: Optional[str] = None,
+        store_config: Optional[StoreConfig] = None,
+    ):
         # A request's products are small (a 64x64 solve, a catalog x 64 factor product, a few
         # hundred candidate vectors) on a fraction of a CPU: BLAS threads only contend. Timed ad hoc
         # in-process on MovieLens with the factors on, under load: recommend p50 64 ms with 2 BLAS
         # threads, 30 ms with 1. FAISS uses OpenMP, not this pool.
         threadpool_limits(1, "blas")
         self.config = config
-        store = open_store(store_url)
+        store = open_store(store_url, store_config)
         self.replica = RetrievalReplica(config, store, weights, default_index_dir(config, store_url))
         self._task = asyncio.get_event_loop().create_task(self._follow())
         self._reporter_task = None
