@@ -155,9 +155,12 @@ def test_a_retrieval_replica_on_another_store_makes_health_not_serving(serve_run
     _wait_health(target, health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=120)
     # The new replicas start (the encoder loads its model) and the start-up runs first: minutes on
     # a busy 2-core machine.
+    # The line is written by a health check that sees every kind of component report; NOT_SERVING
+    # above may have come earlier (the new retrieval replica not reported yet), so keep asking.
     deadline = time.monotonic() + 180
     while len(lines := _log_lines("different stores")) <= before:
         assert time.monotonic() < deadline, "no log line names the split"
+        assert _health(target) != health_pb2.HealthCheckResponse.SERVING
         time.sleep(0.25)
     assert "retrieval/" in lines[-1] and "gateway/" in lines[-1]
     assert "sqlite" not in lines[-1].lower()
