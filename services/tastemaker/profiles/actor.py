@@ -76,19 +76,6 @@ class ProfileShardActor:
         self.shard.forget_items(item_ids)
 
 
-def shard_placement(shard_id: int):
-    """Where a new shard actor goes: round-robin over the alive nodes (sorted by id, so every
-    gateway replica computes the same answer), as a *soft* affinity: a shard whose node is gone
-    restarts on a surviving one. Ray's SPREAD is only best effort and left both shards of a
-    two-node cluster on one node in a test run. One node: no preference."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
-    if len(nodes) <= 1:
-        return "DEFAULT"
-    return NodeAffinitySchedulingStrategy(node_id=nodes[shard_id % len(nodes)], soft=True)
-
-
 def shard_actor_name(app_name: str, shard_id: int) -> str:
     """Named actors let every gateway replica (and a restarted one) find the same shards."""
     return f"{app_name}-profile-shard-{shard_id}"
@@ -119,7 +106,7 @@ class ShardRouter:
                 get_if_exists=True,
                 lifetime="detached",
                 # Across the nodes, so losing one node restarts only its share of the shards.
-                scheduling_strategy=shard_placement(shard_id),
+                scheduling_strategy="SPREAD",
             ).remote(shard_id, store_url, config, store_config)
             for shard_id in range(config.num_shards)
         ]
